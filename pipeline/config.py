@@ -1,0 +1,306 @@
+"""The whole run as pydantic models: YAML in, `dotted.key=value` overrides on top.
+
+Every block that has alternatives names its plug-in with `type:` (a discriminated union), so
+swapping a sampler, judge or method is a config edit and adding one is one model plus one union
+member. Every model forbids unknown keys: a typo stops the run before any work, with a message
+that names the key and the keys allowed there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import UserError
+
+
+class Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ── prompts ──────────────────────────────────────────────────────────────────────────────────
+class BuiltinMathData(Block):
+    """Grade-school arithmetic word problems generated on the fly (`pipeline/data.py`)."""
+
+    type: Literal["builtin_math"] = "builtin_math"
+    num_train: int = Field(64, ge=1)
+    num_eval: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class FieldMap(Block):
+    """Which column of the user's rows holds what. Only `prompt` is required in the rows."""
+
+    prompt: str = "prompt"
+    id: str | None = None
+    solution: str | None = None
+    answer: str | None = None
+
+
+class FileData(Block):
+    """Prompts from a local (or pyarrow-filesystem) `.jsonl` or `.parquet` file."""
+
+    type: Literal["file"] = "file"
+    path: str
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    fields: FieldMap = FieldMap()
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)
+
+
+class HFData(Block):
+    """Prompts from an HF `datasets` path (a local folder saved with `save_to_disk`, or a script/hub
+    id where the cluster has network)."""
+
+    type: Literal["hf"] = "hf"
+    path: str
+    split: str = "train"
+    eval_split: str | None = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    fields: FieldMap = FieldMap()
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)
+
+
+DataConfig = Annotated[Union[BuiltinMathData, FileData, HFData], Field(discriminator="type")]
+
+DEFAULT_PROMPT_TEMPLATE = (
+    "{prompt}\n\nSolve it step by step. Finish with a last line of the form "
+    "'The answer is N.' where N is a number."
+)
+
+
+# ── sample ───────────────────────────────────────────────────────────────────────────────────
+class VLLMSampler(Block):
+    """Ray Data + vLLM (`ray.data.llm`). One code path for a CPU laptop and a GPU cluster:
+    `replicas` engine copies, each over `tensor_parallel_size` GPUs."""
+
+    type: Literal["vllm"] = "vllm"
+    n: int = Field(8, ge=1, description="candidates per prompt (the paper samples 8)")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    system_prompt: str | None = None
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    replicas: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(1024, ge=16)
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="on CPU: the share of RAM given to the KV cache"
+    )
+    enforce_eager: bool = True
+    use_gpu: bool = False
+
+
+SamplerConfig = Annotated[Union[VLLMSampler], Field(discriminator="type")]
+
+
+# ── judge ────────────────────────────────────────────────────────────────────────────────────
+class VerifierJudge(Block):
+    """Scores math answers 1-5 by checking the final answer with math-verify (`stages/judge`)."""
+
+    type: Literal["verifier"] = "verifier"
+    batch_size: int = Field(64, ge=1)
+
+
+JudgeConfig = Annotated[Union[VerifierJudge], Field(discriminator="type")]
+
+
+# ── pairs ────────────────────────────────────────────────────────────────────────────────────
+class PairsConfig(Block):
+    scenarios: list[Literal[1]] = Field(
+        [1], min_length=1, description="1 = policy x policy; 2-4 arrive with the reference and other-model samplers"
+    )
+    tie_break: Literal["first", "random"] = Field(
+        "first", description="among equal scores: lowest candidate_id, or a seeded draw per prompt"
+    )
+    min_margin: float = Field(1.0, gt=0.0, description="drop prompts whose best-worst score gap is below this")
+    seed: int = 0
+
+
+# ── train ────────────────────────────────────────────────────────────────────────────────────
+class DPOMethod(Block):
+    """DPO (Rafailov et al., 2023): loss = -log σ(β·h)."""
+
+    type: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0)
+
+
+MethodConfig = Annotated[Union[DPOMethod], Field(discriminator="type")]
+
+
+class TrainConfig(Block):
+    method: MethodConfig = DPOMethod()
+    scenario: Literal[1] = 1
+    num_workers: int = Field(2, ge=1, description="Ray Train workers; FSDP2 shards across them")
+    use_gpu: bool = False
+    batch_size: int = Field(8, ge=1, description="global batch of pairs per optimiser step")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(5e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    max_length: int = Field(512, ge=8, description="prompt+response tokens; longer pairs are truncated")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> "TrainConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers}) "
+                "so every worker gets the same share of each global batch"
+            )
+        return self
+
+
+# ── evaluate ─────────────────────────────────────────────────────────────────────────────────
+class EvaluateConfig(Block):
+    max_tokens: int = Field(256, ge=1)
+    num_prompts: int | None = Field(None, ge=1, description="held-out prompts to judge (default: all)")
+    logp_pairs: int | None = Field(None, ge=1, description="pairs to measure logps on (default: all)")
+
+
+class RayConfig(Block):
+    address: str | None = Field(None, description="None: RAY_ADDRESS or a new local cluster")
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class RunConfig(Block):
+    name: str = "run"
+    seed: int = 0
+    rounds: int = Field(1, ge=1, description="sample→judge→pairs→train→evaluate repeats, each from the newest checkpoint")
+    policy: str = Field("embedded:smollm2-135m-instruct", description="embedded:NAME, an HF folder, or a hub id")
+    data: DataConfig = BuiltinMathData()
+    sampler: SamplerConfig = VLLMSampler()
+    judge: JudgeConfig = VerifierJudge()
+    pairs: PairsConfig = PairsConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    ray: RayConfig = RayConfig()
+
+    def hash_of(self, *blocks: str) -> str:
+        """A short stable hash of some top-level blocks: the part of the config a stage depends on."""
+        payload = {b: _dump(getattr(self, b)) for b in blocks}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+# ── loading ──────────────────────────────────────────────────────────────────────────────────
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML, apply `a.b.c=value` overrides (values parsed as YAML), validate.
+
+    Any problem raises `UserError` naming the file and key; nothing has run yet.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (pass the path of a YAML file, e.g. configs/default.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source=str(path))) from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {item!r}: write it as dotted.key=value, e.g. train.lr=1e-5")
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a block of keys")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not _is_union_tag(p)]
+        key = ".".join(loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(err.title, e["loc"][:-1])
+            msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and e["type"] not in ("value_error",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the discriminator value in the loc of a union member ("data.builtin_math.seed").
+    return isinstance(part, str) and part in _UNION_TAGS
+
+
+
+
+def _allowed_keys(title: str, loc: tuple) -> list[str]:
+    """The field names of the model at `loc` (walking through union members by their tag)."""
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if part in _UNION_TAGS:
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _model_of(field.annotation, loc)
+        if model is None:
+            return []
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _model_of(annotation: Any, loc: tuple) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = getattr(annotation, "__args__", ()) or ()
+    if getattr(annotation, "__metadata__", None):  # Annotated[Union[...], Field(...)]
+        args = annotation.__args__
+    members = [a for a in _flatten(args) if isinstance(a, type) and issubclass(a, BaseModel)]
+    for m in members:  # pick the member whose tag is in loc
+        tag = m.model_fields.get("type")
+        if tag is not None and tag.default in loc:
+            return m
+    return members[0] if len(members) == 1 else None
+
+
+def _flatten(args: tuple) -> list:
+    out = []
+    for a in args:
+        inner = getattr(a, "__args__", None)
+        out.extend(_flatten(inner) if inner else [a])
+    return out
+
+
+# Every plug-in's tag, e.g. "vllm", "verifier", "dpo": pydantic puts it in error locations.
+_UNION_TAGS = {c.model_fields["type"].default for c in Block.__subclasses__() if "type" in c.model_fields}

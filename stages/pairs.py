@@ -1,0 +1,94 @@
+"""pairs: best vs worst candidate per prompt, TRL-ready, one folder per scenario.
+
+Protocol (3D-properties §5.2): chosen = the best-scored candidate, rejected = the worst; prompts
+whose candidates all score alike carry no preference signal and are dropped (counted in the
+manifest). Ties inside the best or the worst group are broken deterministically:
+`tie_break: first` takes the lowest `candidate_id`; `random` draws with a generator seeded by
+(`pairs.seed`, `prompt_id`), so a rerun picks the same pair whatever the row order.
+
+Scenarios (who wrote chosen × rejected): 1 = policy × policy. 2-4 swap in the dataset's
+reference solution as chosen and/or another model's sample as rejected; they arrive with the
+reference and other-model samplers.
+
+Columns: `prompt` (the chat as the policy saw it), `chosen`, `rejected` (one assistant turn each),
+TRL's conversational format, plus `prompt_id`, `chosen_score`, `rejected_score`,
+`chosen_candidate_id`, `rejected_candidate_id`, `chosen_source`, `rejected_source`, `scenario`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+
+from pipeline.config import PairsConfig, RunConfig
+
+
+def pick(candidates: list[dict[str, Any]], want: str, tie_break: str, seed: int, prompt_id: str) -> dict[str, Any]:
+    """The best (`want="max"`) or worst (`want="min"`) candidate, ties broken by `tie_break`."""
+    target = (max if want == "max" else min)(c["score"] for c in candidates)
+    tied = sorted((c for c in candidates if c["score"] == target), key=lambda c: c["candidate_id"])
+    if tie_break == "first" or len(tied) == 1:
+        return tied[0]
+    digest = hashlib.sha256(f"{seed}:{prompt_id}:{want}".encode()).hexdigest()
+    return random.Random(digest).choice(tied)
+
+
+def select_pair(candidates: list[dict[str, Any]], cfg: PairsConfig) -> dict[str, Any] | None:
+    """One scenario-1 pair from one prompt's scored candidates, or None when there is no contrast."""
+    prompt_id = candidates[0]["prompt_id"]
+    best = pick(candidates, "max", cfg.tie_break, cfg.seed, prompt_id)
+    worst = pick(candidates, "min", cfg.tie_break, cfg.seed, prompt_id)
+    if best["score"] - worst["score"] < cfg.min_margin:
+        return None
+    messages = [dict(m) for m in best["messages"]]
+    return {
+        "prompt": messages,
+        "chosen": [{"role": "assistant", "content": best["response"]}],
+        "rejected": [{"role": "assistant", "content": worst["response"]}],
+        "prompt_id": prompt_id,
+        "chosen_score": float(best["score"]),
+        "rejected_score": float(worst["score"]),
+        "chosen_candidate_id": int(best["candidate_id"]),
+        "rejected_candidate_id": int(worst["candidate_id"]),
+        "chosen_source": "policy",
+        "rejected_source": "policy",
+        "scenario": 1,
+        "num_candidates": len(candidates),
+    }
+
+
+def _pairs_of_group(group: pd.DataFrame, cfg: PairsConfig) -> pd.DataFrame:
+    records = group.to_dict("records")
+    for r in records:  # Arrow hands list columns over as numpy arrays
+        r["messages"] = list(r["messages"])
+    pair = select_pair(records, cfg)
+    return pd.DataFrame([pair] if pair else [], columns=PAIR_COLUMNS)
+
+
+PAIR_COLUMNS = [
+    "prompt", "chosen", "rejected", "prompt_id", "chosen_score", "rejected_score",
+    "chosen_candidate_id", "rejected_candidate_id", "chosen_source", "rejected_source",
+    "scenario", "num_candidates",
+]  # fmt: skip
+
+
+def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
+    scored = ray.data.read_parquet(inputs["judge"])
+    prompts = scored.unique("prompt_id")
+    stats: dict[str, Any] = {"prompts": len(prompts)}
+    for scenario in cfg.pairs.scenarios:
+        pairs = scored.groupby("prompt_id").map_groups(
+            _pairs_of_group, fn_kwargs={"cfg": cfg.pairs}, batch_format="pandas"
+        )
+        rows = pairs.to_pandas().sort_values("prompt_id", ignore_index=True)
+        folder = out / f"s{scenario}"
+        folder.mkdir()
+        rows.to_parquet(folder / "pairs.parquet", index=False)
+        stats[f"s{scenario}"] = {"pairs": len(rows), "dropped_uniform": len(prompts) - len(rows)}
+    stats["rows"] = sum(v["pairs"] for k, v in stats.items() if k.startswith("s"))
+    return stats

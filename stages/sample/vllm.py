@@ -1,0 +1,108 @@
+"""The vLLM sampler: Ray Data + `ray.data.llm`, the same code on a CPU laptop and a GPU cluster.
+
+`ray.data.llm` returns one completion per input row (it reads `outputs[0]`), so `n` candidates
+per prompt are `n` rows with `candidate_id = 0..n-1`; vLLM's prefix cache makes the repeated
+prompt nearly free. Per-request seeds crash vLLM's CPU worker ("CPU Generator does not use
+offset"), so the engine is seeded once (`sampler.seed`) and the seed is recorded in every row.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline.config import VLLMSampler
+
+CANDIDATE_COLUMNS = (
+    "prompt_id", "candidate_id", "prompt", "messages", "solution", "answer", "response",
+    "prompt_tokens", "response_tokens", "finish_reason", "sampler", "model", "seed",
+)  # fmt: skip
+
+
+def build_messages(sampler: VLLMSampler, question: str) -> list[dict[str, str]]:
+    """The chat the policy sees; stored with each candidate so training reuses it verbatim."""
+    messages = [{"role": "system", "content": sampler.system_prompt}] if sampler.system_prompt else []
+    return messages + [{"role": "user", "content": sampler.prompt_template.format(prompt=question)}]
+
+
+def _preprocess(row: dict[str, Any], sampler: VLLMSampler) -> dict[str, Any]:
+    # ray.data.llm's engine stage pops the `prompt` column (it means the rendered chat text);
+    # keep the user's question under another name until postprocess.
+    question = row.pop("prompt")
+    return {
+        **row,
+        "question": question,
+        "messages": build_messages(sampler, question),
+        "sampling_params": {
+            "temperature": sampler.temperature,
+            "top_p": sampler.top_p,
+            "max_tokens": sampler.max_tokens,
+        },
+    }
+
+
+def _postprocess(row: dict[str, Any], sampler: VLLMSampler, model_name: str) -> dict[str, Any]:
+    n_out = int(row["num_generated_tokens"])
+    messages = row["messages"]
+    messages = messages.tolist() if hasattr(messages, "tolist") else messages
+    return {
+        "prompt_id": row["prompt_id"],
+        "candidate_id": int(row["candidate_id"]),
+        "prompt": row["question"],
+        "messages": [dict(m) for m in messages],
+        "solution": row.get("solution"),
+        "answer": row.get("answer"),
+        "response": row["generated_text"],
+        "prompt_tokens": int(row["num_input_tokens"]),
+        "response_tokens": n_out,
+        # ray.data.llm does not expose vLLM's finish_reason; a completion that used the whole
+        # budget was cut by the length limit, any other stopped on EOS or a stop string.
+        "finish_reason": "length" if n_out >= sampler.max_tokens else "stop",
+        "sampler": sampler.type,
+        "model": model_name,
+        "seed": sampler.seed,
+    }
+
+
+def processor_config(sampler: VLLMSampler, model_path: str):
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    engine_kwargs = dict(
+        dtype=sampler.dtype,
+        max_model_len=sampler.max_model_len,
+        gpu_memory_utilization=sampler.gpu_memory_utilization,
+        enforce_eager=sampler.enforce_eager,
+        tensor_parallel_size=sampler.tensor_parallel_size,
+        seed=sampler.seed,
+        enable_prefix_caching=True,
+    )
+    extra: dict[str, Any] = {}
+    if not sampler.use_gpu:
+        # Without an explicit CPU bundle Ray Data asks for a GPU per engine and waits forever.
+        extra["placement_group_config"] = dict(bundles=[{"CPU": 1}] * sampler.tensor_parallel_size)
+    return vLLMEngineProcessorConfig(
+        model_source=model_path,
+        batch_size=sampler.batch_size,
+        concurrency=sampler.replicas,
+        # The metrics exporter needs Ray Serve's extras; without them the engine actor dies.
+        log_engine_metrics=False,
+        engine_kwargs=engine_kwargs,
+        **extra,
+    )
+
+
+def generate(sampler: VLLMSampler, model_path: str, model_name: str, prompts: list[dict], out_dir: Path) -> None:
+    """Write `sampler.n` candidates for every prompt as Parquet files under `out_dir`."""
+    from ray.data.llm import build_processor
+
+    rows = [{**p, "candidate_id": c} for p in prompts for c in range(sampler.n)]
+    processor = build_processor(
+        processor_config(sampler, model_path),
+        preprocess=partial(_preprocess, sampler=sampler),
+        postprocess=partial(_postprocess, sampler=sampler, model_name=model_name),
+    )
+    ds = processor(ray.data.from_items(rows))
+    ds.write_parquet(str(out_dir))

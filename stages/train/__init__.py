@@ -1,0 +1,59 @@
+"""train: Ray Train workers run FSDP2 preference optimisation on one scenario's pairs.
+
+Writes `checkpoint/` (a plain HF folder) and `metrics.jsonl` (one line per step, TRL's metric
+names) into the stage folder. The worker loop is `stages/train/loop.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
+
+log = logging.getLogger("pipeline.train")
+
+
+def effective_batch_size(num_pairs: int, batch_size: int, num_workers: int) -> int:
+    """The configured global batch, or — with fewer pairs than that — the largest multiple of the
+    worker count that fits, so a small round still trains instead of failing after sampling."""
+    if num_pairs >= batch_size:
+        return batch_size
+    shrunk = num_pairs - num_pairs % num_workers
+    if shrunk == 0:
+        raise UserError(
+            f"only {num_pairs} preference pair(s) for {num_workers} training worker(s): nothing to train on. "
+            "Sample more prompts (data.num_train), more candidates (sampler.n) or lower train.num_workers"
+        )
+    log.warning("only %d pairs: global batch %d → %d", num_pairs, batch_size, shrunk)
+    return shrunk
+
+
+def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from stages.train.loop import train_loop
+
+    tc = cfg.train
+    pairs_file = Path(inputs["pairs"]) / f"s{tc.scenario}" / "pairs.parquet"
+    if not pairs_file.is_file():
+        raise UserError(f"{pairs_file} not found: train.scenario={tc.scenario} must be one of pairs.scenarios")
+    num_pairs = pq.read_metadata(pairs_file).num_rows
+    batch_size = effective_batch_size(num_pairs, tc.batch_size, tc.num_workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "policy": inputs["policy"], "pairs": str(pairs_file), "out": str(out),
+            "train": tc.model_dump(mode="json"), "batch_size": batch_size,
+        },  # fmt: skip
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
+        run_config=TrainRunConfig(name="train", storage_path=str(out.parent.resolve() / ".ray-train")),
+    )
+    trainer.fit()
+    steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
+    return {"pairs": num_pairs, "batch_size": batch_size, "steps": steps, "rows": steps}

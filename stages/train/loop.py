@@ -1,0 +1,186 @@
+"""The Ray Train worker loop: FSDP2 preference optimisation, read top to bottom.
+
+Every worker runs `train_loop`. The recipe:
+1. load the policy and shard it with FSDP2 (`fully_shard` on each decoder layer, then the root);
+2. reference pass: before any update the policy *is* the reference, so its log-probs of every
+   pair are computed once, under no_grad, and all-gathered (no reference model in memory
+   during training);
+3. for each global batch of `batch_size` pairs, worker r takes its contiguous share, computes the
+   objective's mean over that share and backpropagates; FSDP averages the gradients over
+   workers, so the update equals the single-process update on the whole global batch;
+4. rank 0 logs TRL-named metrics (global means) to `metrics.jsonl` with a progress bar;
+5. the full state dict is gathered to rank 0 and saved as a plain HF folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from stages.train.batch import Batch, TokenizedPair, collate, tokenize_pair
+from stages.train.logps import sequence_logps
+from stages.train.objectives import Objective, ObjectiveOutput, objective_for
+
+
+# ── building blocks (also used by the FSDP equivalence test) ────────────────────────────────
+def load_policy(path: str, dtype: str, device: torch.device):
+    """The policy, FSDP2-sharded. bf16 means mixed precision over fp32 master weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" else MixedPrecisionPolicy()
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def policy_logps(model, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(chosen logps [B], rejected logps [B]) in one forward over the 2B sequences."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logps = sequence_logps(logits, batch.input_ids, batch.loss_mask)
+    return logps[: batch.num_pairs], logps[batch.num_pairs :]
+
+
+def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, micro_batch: int, device) -> tuple[Tensor, Tensor]:
+    """Log-probs of every pair under the initial policy, identical on every rank.
+
+    Rank r takes pairs r, r+W, ...; every rank runs the same number of forwards (the last ones
+    padded with repeats), because each FSDP forward is a collective all ranks must join.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = math.ceil(len(pairs) / world)
+    mine = [(rank + world * k) % len(pairs) for k in range(per_rank)]
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, per_rank, micro_batch):
+            batch = collate([pairs[i] for i in mine[start : start + micro_batch]], pad_id).to(device)
+            c, r = policy_logps(model, batch)
+            chosen.append(c.float())
+            rejected.append(r.float())
+    local = torch.stack([torch.cat(chosen), torch.cat(rejected)])  # [2, per_rank]
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    table = torch.empty(2, len(pairs), dtype=local.dtype, device=local.device)
+    for r, part in enumerate(gathered):
+        idx = torch.tensor([(r + world * k) % len(pairs) for k in range(per_rank)], device=local.device)
+        table[:, idx] = part
+    return table[0], table[1]
+
+
+def step_loss(model, batch: Batch, ref_chosen: Tensor, ref_rejected: Tensor, objective: Objective) -> tuple[Tensor, ObjectiveOutput]:
+    """This worker's mean loss over its share of the global batch, and per-pair metrics."""
+    chosen, rejected = policy_logps(model, batch)
+    out = objective(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype))
+    return out.losses.mean(), out
+
+
+def global_means(out: ObjectiveOutput, global_pairs: int) -> dict[str, float]:
+    """Mean of each per-pair metric over the whole global batch (sums all-reduced over ranks)."""
+    names = ["loss", *out.metrics]
+    local = torch.stack([out.losses.detach().sum(), *(m.sum() for m in out.metrics.values())]).float()
+    dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return {name: float(v) / global_pairs for name, v in zip(names, local)}
+
+
+def batch_schedule(num_pairs: int, batch_size: int, epochs: int, seed: int, max_steps: int | None) -> list[list[int]]:
+    """Global batches of pair indices, a fresh seeded permutation per epoch, last partial batch dropped."""
+    steps: list[list[int]] = []
+    for epoch in range(epochs):
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        steps += [order[i : i + batch_size] for i in range(0, num_pairs - batch_size + 1, batch_size)]
+    return steps[:max_steps] if max_steps else steps
+
+
+def save_hf_checkpoint(model, tokenizer, out_dir: Path) -> None:
+    """Gather the full state dict to rank 0 and save a plain HF folder (loads in transformers and vLLM)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        plain.load_state_dict(state, assign=True)
+        plain.tie_weights()
+        plain.generation_config = model.generation_config
+        plain.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    dist.barrier()
+
+
+# ── the worker loop ──────────────────────────────────────────────────────────────────────────
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point. config: policy (path), pairs (parquet), out (folder), train (TrainConfig dict)."""
+    import pandas as pd
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoTokenizer
+
+    from pipeline.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(config["train"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    out = Path(config["out"])
+
+    tokenizer = AutoTokenizer.from_pretrained(config["policy"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_policy(config["policy"], cfg.dtype, device)
+    rows = pd.read_parquet(config["pairs"]).to_dict("records")
+    pairs = [tokenize_pair(tokenizer, row, cfg.max_length) for row in rows]
+    objective = objective_for(cfg.method)
+
+    batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
+    share = batch_size // world
+    ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device)
+    schedule = batch_schedule(len(pairs), batch_size, cfg.epochs, cfg.seed, cfg.max_steps)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    bar = _progress(len(schedule)) if rank == 0 else None
+    model.train()
+    for step, indices in enumerate(schedule):
+        mine = torch.tensor(indices[rank * share : (rank + 1) * share])
+        batch = collate([pairs[i] for i in mine.tolist()], pad_id).to(device)
+        loss, outputs = step_loss(model, batch, ref_chosen[mine.to(device)], ref_rejected[mine.to(device)], objective)
+        loss.backward()
+        grad_norm = _clip(model, cfg.grad_clip)
+        optimizer.step()
+        warmup.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = global_means(outputs, batch_size)
+        if rank == 0:
+            record = {"step": step + 1, "epoch": step * batch_size / len(pairs), **metrics,
+                      "grad_norm": grad_norm, "lr": warmup.get_last_lr()[0]}  # fmt: skip
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_description(f"train loss={metrics['loss']:.4f} margin={metrics['rewards/margins']:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    save_hf_checkpoint(model, tokenizer, out / "checkpoint")
+
+
+def _clip(model, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return float(norm)
+
+
+def _progress(total: int):
+    # Ray's remote-aware tqdm draws one clean bar on the driver from inside a worker.
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=total, desc="train")
