@@ -217,10 +217,27 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     raw.setdefault("name", path.stem)
     for item in overrides:
         _apply_override(raw, item)
+    _default_plugin_types(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise UserError(format_validation_error(err, source=str(path))) from None
+        source = f"{path} with overrides {' '.join(overrides)}" if overrides else str(path)
+        raise UserError(format_validation_error(err, source=source)) from None
+
+
+def _default_plugin_types(raw: dict) -> None:
+    """`sampler: {n: 4}` or `sampler.n=4` means the default sampler with n=4: fill in its `type`."""
+    defaults = RunConfig()
+    for block in _PLUGIN_BLOCKS:
+        node, default = raw, defaults
+        for part in block[:-1]:
+            node, default = node.get(part), getattr(default, part)
+            if not isinstance(node, dict):
+                break
+        else:
+            leaf = node.get(block[-1]) if isinstance(node, dict) else None
+            if isinstance(leaf, dict) and "type" not in leaf:
+                leaf["type"] = getattr(default, block[-1]).type
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -242,10 +259,15 @@ def _apply_override(raw: dict, item: str) -> None:
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not _is_union_tag(p)]
+        loc = [str(p) for i, p in enumerate(e["loc"]) if not _is_union_tag(e["loc"], i)]
         key = ".".join(loc) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "union_tag_invalid":
+            key += ".type"
+            msg = f"unknown type {e['ctx']['tag']!r}; allowed: {e['ctx']['expected_tags']}"
+        elif e["type"] == "union_tag_not_found":
+            msg = "say which plug-in with a `type:` key"
+        elif e["type"] == "extra_forbidden":
             allowed = _allowed_keys(err.title, e["loc"][:-1])
             msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
         elif e["type"] == "missing":
@@ -256,9 +278,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _is_union_tag(part: Any) -> bool:
+def _is_union_tag(loc: tuple, i: int) -> bool:
     # pydantic puts the discriminator value in the loc of a union member ("data.builtin_math.seed").
-    return isinstance(part, str) and part in _UNION_TAGS
+    return i > 0 and tuple(str(p) for p in loc[:i]) in _PLUGIN_BLOCKS and loc[i] in _UNION_TAGS
 
 
 
@@ -266,10 +288,8 @@ def _is_union_tag(part: Any) -> bool:
 def _allowed_keys(title: str, loc: tuple) -> list[str]:
     """The field names of the model at `loc` (walking through union members by their tag)."""
     model: Any = RunConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if part in _UNION_TAGS:
+    for i, part in enumerate(loc):
+        if isinstance(part, int) or _is_union_tag(loc, i):
             continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
@@ -301,6 +321,9 @@ def _flatten(args: tuple) -> list:
         out.extend(_flatten(inner) if inner else [a])
     return out
 
+
+# Where a config block picks its plug-in with `type:`.
+_PLUGIN_BLOCKS = {("data",), ("sampler",), ("judge",), ("train", "method")}
 
 # Every plug-in's tag, e.g. "vllm", "verifier", "dpo": pydantic puts it in error locations.
 _UNION_TAGS = {c.model_fields["type"].default for c in Block.__subclasses__() if "type" in c.model_fields}

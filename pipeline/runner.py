@@ -66,7 +66,7 @@ def init_ray(cfg: RunConfig) -> None:
 class Runner:
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()  # Ray workers have another cwd
 
     # ── what each stage reads ───────────────────────────────────────────────────────────────
     def policy(self, round_: int) -> tuple[str, str, str]:

@@ -22,7 +22,10 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import PairsConfig, RunConfig
@@ -77,6 +80,14 @@ PAIR_COLUMNS = [
 ]  # fmt: skip
 
 
+def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ray hands nested columns back as numpy arrays; Arrow wants lists of dicts."""
+    def fix(v):
+        return [fix(x) for x in v] if isinstance(v, (list, np.ndarray)) else v
+
+    return [{k: fix(v) for k, v in r.items()} for r in rows]
+
+
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     scored = ray.data.read_parquet(inputs["judge"])
     prompts = scored.unique("prompt_id")
@@ -85,10 +96,11 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         pairs = scored.groupby("prompt_id").map_groups(
             _pairs_of_group, fn_kwargs={"cfg": cfg.pairs}, batch_format="pandas"
         )
-        rows = pairs.to_pandas().sort_values("prompt_id", ignore_index=True)
+        # One row per prompt: small enough to collect, sort and write as one plain Arrow file.
+        rows = sorted(_plain(pairs.take_all()), key=lambda r: r["prompt_id"])
         folder = out / f"s{scenario}"
         folder.mkdir()
-        rows.to_parquet(folder / "pairs.parquet", index=False)
+        pq.write_table(pa.Table.from_pylist(rows), folder / "pairs.parquet")
         stats[f"s{scenario}"] = {"pairs": len(rows), "dropped_uniform": len(prompts) - len(rows)}
     stats["rows"] = sum(v["pairs"] for k, v in stats.items() if k.startswith("s"))
     return stats

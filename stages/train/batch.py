@@ -41,7 +41,10 @@ def tokenize_pair(tokenizer, row: dict[str, Any], max_length: int) -> TokenizedP
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     chosen = tokenizer(_response_text(row["chosen"]), add_special_tokens=False)["input_ids"] + eos
     rejected = tokenizer(_response_text(row["rejected"]), add_special_tokens=False)["input_ids"] + eos
-    prompt = prompt[-(max_length // 2):] if len(prompt) > max_length // 2 else prompt
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest > max_length and len(prompt) > max_length // 2:
+        # keep the end of the prompt (the question), as much as fits but at least half the budget
+        prompt = prompt[-max(max_length // 2, max_length - longest):]
     budget = max_length - len(prompt)
     return TokenizedPair(prompt, chosen[:budget], rejected[:budget])
 

@@ -121,7 +121,7 @@ def save_hf_checkpoint(model, tokenizer, out_dir: Path) -> None:
 # ── the worker loop ──────────────────────────────────────────────────────────────────────────
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point. config: policy (path), pairs (parquet), out (folder), train (TrainConfig dict)."""
-    import pandas as pd
+    import pyarrow.parquet as pq
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
@@ -137,7 +137,7 @@ def train_loop(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["policy"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = load_policy(config["policy"], cfg.dtype, device)
-    rows = pd.read_parquet(config["pairs"]).to_dict("records")
+    rows = pq.read_table(config["pairs"]).to_pylist()
     pairs = [tokenize_pair(tokenizer, row, cfg.max_length) for row in rows]
     objective = objective_for(cfg.method)
 

@@ -1,0 +1,144 @@
+"""report/report.md: the headline table, data statistics and plots, from finished stages only.
+
+Reads what the stages wrote (manifests, `metrics.jsonl`, `summary.json`) and never re-runs
+anything, so `python -m pipeline report CONFIG` is instant and works on a partial run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import atomic_write_text, read_manifest, stage_dir
+from pipeline.config import RunConfig
+
+TRAIN_CURVES = (("logps/chosen", "logps/rejected"), ("loss",), ("rewards/margins", "rewards/accuracies"))
+
+
+def _rounds(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("round-*") if p.name.split("-")[1].isdigit())
+
+
+def _metrics(train_dir: Path) -> list[dict[str, Any]]:
+    path = train_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def headline_rows(run_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for r in _rounds(run_dir):
+        summary_file = stage_dir(run_dir, r, "evaluate") / "summary.json"
+        if not summary_file.is_file():
+            continue
+        for name, s in json.loads(summary_file.read_text()).items():
+            if r > 0 and name == "before":
+                continue  # the previous round's "after"
+            rows.append({"round": r, "model": "base" if (r == 0 and name == "before") else f"round-{r} checkpoint", **s})
+    return rows
+
+
+def headline(run_dir: Path) -> str:
+    """The table printed at the end of a run (markdown)."""
+    rows = headline_rows(run_dir)
+    if not rows:
+        return "(no evaluation yet)"
+    lines = ["| model | 5 points | 4&5 points | mean score | logps/chosen | logps/rejected | answer tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['5_points']:.1%} | {row['4&5_points']:.1%} | {row['mean_score']:.2f} "
+            f"| {row['logps/chosen']:.1f} | {row['logps/rejected']:.1f} | {row['response_tokens']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_training(run_dir: Path, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {r: _metrics(stage_dir(run_dir, r, "train")) for r in _rounds(run_dir)}
+    curves = {r: m for r, m in curves.items() if m}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(TRAIN_CURVES), figsize=(5 * len(TRAIN_CURVES), 3.6))
+    for ax, keys in zip(axes, TRAIN_CURVES):
+        for r, metrics in curves.items():
+            steps = [m["step"] for m in metrics]
+            for key in keys:
+                ax.plot(steps, [m[key] for m in metrics], marker="o", ms=3, label=f"{key} (round {r})")
+        ax.set_xlabel("step")
+        ax.set_title(" vs ".join(keys))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "train_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scores(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    width = 0.38
+    xs = range(len(rows))
+    ax.bar([x - width / 2 for x in xs], [r["5_points"] for r in rows], width, label="5 points")
+    ax.bar([x + width / 2 for x in xs], [r["4&5_points"] for r in rows], width, label="4&5 points")
+    ax.set_xticks(list(xs), [r["model"] for r in rows], fontsize=8)
+    ax.set_ylabel("share of held-out prompts")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("held-out judge scores")
+    fig.tight_layout()
+    path = out / "eval_scores.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(cfg: RunConfig, run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = headline_rows(run_dir)
+    curves, scores = plot_training(run_dir, out), plot_scores(rows, out)
+    parts = [f"# Report: {cfg.name}", "",
+             f"Policy `{cfg.policy}`, method `{cfg.train.method.type}` "
+             f"({', '.join(f'{k}={v}' for k, v in cfg.train.method.model_dump().items() if k != 'type')}), "
+             f"{cfg.rounds} round(s), sampler `{cfg.sampler.type}` n={cfg.sampler.n}, judge `{cfg.judge.type}`.", "",
+             "## Held-out evaluation (greedy, judged 1-5)", "", headline(run_dir), ""]  # fmt: skip
+    if scores:
+        parts += [f"![held-out scores]({scores.name})", ""]
+    parts += ["## Data", "", "| round | prompts | candidates | score counts (1..5) | pairs | dropped (uniform) |",
+              "|---|---:|---:|---|---:|---:|"]  # fmt: skip
+    for r in _rounds(run_dir):
+        judge = (read_manifest(stage_dir(run_dir, r, "judge")) or {}).get("stats", {})
+        pairs = (read_manifest(stage_dir(run_dir, r, "pairs")) or {}).get("stats", {})
+        s1 = pairs.get(f"s{cfg.train.scenario}", {})
+        counts = judge.get("score_counts", {})
+        parts.append(f"| {r} | {pairs.get('prompts', '-')} | {judge.get('rows', '-')} "
+                     f"| {' / '.join(str(counts.get(str(k), counts.get(k, 0))) for k in range(1, 6)) if counts else '-'} "
+                     f"| {s1.get('pairs', '-')} | {s1.get('dropped_uniform', '-')} |")  # fmt: skip
+    parts += ["", "## Training", ""]
+    if curves:
+        parts += [f"![training curves]({curves.name})", ""]
+    for r in _rounds(run_dir):
+        metrics = _metrics(stage_dir(run_dir, r, "train"))
+        if metrics:
+            first, last = metrics[0], metrics[-1]
+            parts.append(f"- round {r}: {len(metrics)} steps; loss {first['loss']:.4f} → {last['loss']:.4f}; "
+                         f"logps/chosen {first['logps/chosen']:.1f} → {last['logps/chosen']:.1f}; "
+                         f"logps/rejected {first['logps/rejected']:.1f} → {last['logps/rejected']:.1f}; "
+                         f"rewards/accuracies (last step) {last['rewards/accuracies']:.2f}")  # fmt: skip
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(parts) + "\n")
+    return report

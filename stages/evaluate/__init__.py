@@ -1,0 +1,71 @@
+"""evaluate: the round's starting policy ("before") against its checkpoint ("after").
+
+- Held-out prompts: one greedy answer per prompt from each model (the vLLM sampler with n=1,
+  temperature 0), scored by the run's judge. Reported as the paper's "5 points" (share scoring
+  5) and "4&5 points" (share scoring 4 or 5), plus the mean score and answer length.
+- Log-probs: mean logp of the chosen and rejected responses of the training pairs under both
+  models (3D-properties, Table 1): DPO should raise chosen against rejected, and the drop of
+  logp(rejected) shows how far training went into "unlearning".
+
+Writes `generations.parquet` (judged answers of both models), `logps.parquet` and
+`summary.json` with one entry per model; the `side` column says "before" or "after".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import ray
+
+from pipeline.config import RunConfig
+from pipeline.data import load_prompts
+from stages.evaluate.logps import pair_logps
+from stages.judge import judge_dataset
+from stages.sample import vllm
+
+
+def score_summary(scores: pd.Series) -> dict[str, float]:
+    """The paper's headline shares from judge scores (1-5)."""
+    return {
+        "5_points": float((scores == 5).mean()),
+        "4&5_points": float((scores >= 4).mean()),
+        "mean_score": float(scores.mean()),
+    }
+
+
+def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
+    prompts = load_prompts(cfg.data, "eval")[: cfg.evaluate.num_prompts]
+    greedy = cfg.sampler.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.evaluate.max_tokens})
+    models = {"before": (inputs["policy"], inputs["policy_name"]), "after": (str(Path(inputs["train"]) / "checkpoint"), "checkpoint")}
+    pairs_file = Path(inputs["pairs"]) / f"s{cfg.train.scenario}" / "pairs.parquet"
+
+    generations, logps, summary = [], [], {}
+    for name, (path, display) in models.items():
+        raw = out / f".raw-{name}"
+        vllm.generate(greedy, path, display, prompts, raw)
+        judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
+        judged.insert(0, "side", name)
+        generations.append(judged.drop(columns=["messages"]))
+        lp = ray.get(pair_logps.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs))
+        lp.insert(0, "side", name)
+        logps.append(lp)
+        summary[name] = {
+            "model": display,
+            **score_summary(judged["score"]),
+            "response_tokens": float(judged["response_tokens"].mean()),
+            "logps/chosen": float(lp["logps_chosen"].mean()),
+            "logps/rejected": float(lp["logps_rejected"].mean()),
+        }
+        _rmtree(raw)
+    pd.concat(generations, ignore_index=True).to_parquet(out / "generations.parquet", index=False)
+    pd.concat(logps, ignore_index=True).to_parquet(out / "logps.parquet", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return {"prompts": len(prompts), "rows": len(prompts) * len(models), "summary": summary}
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,206 @@
+"""The DPO step on 2 FSDP workers equals the step on 1 worker for the same global batch.
+
+Both runs use the real building blocks of `stages/train/loop.py` inside a Ray Train
+`TorchTrainer` (gloo, CPU): `load_policy` (FSDP2), `reference_logps`, `step_loss`,
+`global_means`. To make policy and reference differ (otherwise the DPO loss is exactly ln 2),
+every parameter gets a deterministic perturbation after the reference pass, and the reference
+log-probs get per-pair offsets. The single-worker result is also checked against a plain float64
+computation in the test process that does not use the FSDP building blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+import torch
+import torch.nn.functional as F
+
+# pytest imports this file as a top-level module that Ray's worker processes cannot import:
+# ship the worker function (and the constants it uses) by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+GLOBAL_BATCH = 4
+BETA = 0.1
+MAX_LENGTH = 512
+# Per-pair offsets of the reference log-probs: different weights σ(-β·h) per pair, so the way the
+# global batch is split over workers matters for the gradient.
+REF_CHOSEN_OFFSET = [-0.5, 1.0, -2.0, 0.3]
+REF_REJECTED_OFFSET = [0.3, -0.7, 0.1, 1.5]
+
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": "Tom has 3 bags of 4 apples. How many apples?"}],
+        "chosen": [{"role": "assistant", "content": "3 × 4 = 12 apples. The answer is 12."}],
+        "rejected": [{"role": "assistant", "content": "The answer is 7."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "16 ÷ 2 = ?"}],
+        "chosen": [{"role": "assistant", "content": "16 ÷ 2 = 8. The answer is 8."}],
+        "rejected": [{"role": "assistant", "content": "Solve it step by step: 16 - 2 = 14, 14 + 2 = 16. The answer is 16."}],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "Finish with a last line of the form 'The answer is N.'"},
+            {"role": "user", "content": "How many dollars does Lena make by selling all the boxes at 2 dollars each?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "8 boxes × 2 = 16 dollars. The answer is 16."}],
+        "rejected": [{"role": "assistant", "content": "9"}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "0 1 2 3 4 5 6 7 8 9"}],
+        "chosen": [{"role": "assistant", "content": "10"}],
+        "rejected": [{"role": "assistant", "content": "the answer is of and to in 5 + 5 = 11, 11 - 1 = 10 ! ?"}],
+    },
+]
+
+
+def perturbation(name: str, shape: torch.Size) -> torch.Tensor:
+    """A deterministic float32 perturbation of one parameter, a function of its name only."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return 0.02 * torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
+def fsdp_step_worker(config: dict) -> None:
+    """One DPO step on this worker's share of the global batch; rank 0 saves loss, metrics, grads."""
+    import ray.train.torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from transformers import AutoTokenizer
+
+    from stages.train.batch import collate, tokenize_pair
+    from stages.train.loop import global_means, load_policy, reference_logps, step_loss
+    from stages.train.objectives import dpo
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = ray.train.torch.get_device()
+    tokenizer = AutoTokenizer.from_pretrained(config["policy"])
+    pad_id = tokenizer.pad_token_id
+    model = load_policy(config["policy"], "float32", device)
+    pairs = [tokenize_pair(tokenizer, row, MAX_LENGTH) for row in config["pairs"]]
+
+    ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, 1, device)
+    ref_chosen = ref_chosen - torch.tensor(REF_CHOSEN_OFFSET, device=ref_chosen.device)
+    ref_rejected = ref_rejected - torch.tensor(REF_REJECTED_OFFSET, device=ref_rejected.device)
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            delta = perturbation(name, p.shape).to(device)
+            if isinstance(p, DTensor):
+                delta = distribute_tensor(delta, p.device_mesh, p.placements)
+            p.add_(delta)
+
+    share = GLOBAL_BATCH // world
+    mine = list(range(rank * share, (rank + 1) * share))
+    batch = collate([pairs[i] for i in mine], pad_id).to(device)
+    idx = torch.tensor(mine, device=ref_chosen.device)
+    model.train()
+    loss, out = step_loss(model, batch, ref_chosen[idx], ref_rejected[idx], lambda *a: dpo(*a, beta=BETA))
+    loss.backward()
+    metrics = global_means(out, GLOBAL_BATCH)
+
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is None:
+            grads[name] = None
+            continue
+        grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu().clone()
+    if rank == 0:
+        torch.save({"world": world, "local_loss": loss.item(), "metrics": metrics, "grads": grads}, config["result"])
+    dist.barrier()
+
+
+def _run(tiny_llama: Path, workers: int, tmp_path: Path) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    result = tmp_path / f"result-w{workers}.pt"
+    trainer = TorchTrainer(
+        fsdp_step_worker,
+        train_loop_config={"policy": str(tiny_llama), "pairs": PAIRS, "result": str(result)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+        run_config=RunConfig(name=f"fsdp-w{workers}", storage_path=str(tmp_path / "ray-train")),
+    )
+    trainer.fit()
+    return torch.load(result, weights_only=False)
+
+
+def _plain_float64(tiny_llama: Path) -> dict:
+    """The same step without FSDP, Ray or the stage's log-prob code: float64, one sequence at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.train.batch import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
+    pairs = [tokenize_pair(tokenizer, row, MAX_LENGTH) for row in PAIRS]
+
+    def logp(prompt: list[int], response: list[int]) -> torch.Tensor:
+        ids = torch.tensor([prompt + response])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0], dim=-1)  # [T, V]
+        # token at position t is predicted by the logits at t-1
+        return sum(logprobs[len(prompt) + k - 1, tok] for k, tok in enumerate(response))
+
+    with torch.no_grad():
+        ref_c = torch.stack([logp(p.prompt, p.chosen) for p in pairs]) - torch.tensor(REF_CHOSEN_OFFSET, dtype=torch.float64)
+        ref_r = torch.stack([logp(p.prompt, p.rejected) for p in pairs]) - torch.tensor(REF_REJECTED_OFFSET, dtype=torch.float64)
+        for name, p in model.named_parameters():
+            p.add_(perturbation(name, p.shape).to(torch.float64))
+    pol_c = torch.stack([logp(p.prompt, p.chosen) for p in pairs])
+    pol_r = torch.stack([logp(p.prompt, p.rejected) for p in pairs])
+    loss = -F.logsigmoid(BETA * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {"loss": loss.item(), "logps/chosen": pol_c.detach().mean().item(), "logps/rejected": pol_r.detach().mean().item(),
+            "grads": grads}  # fmt: skip
+
+
+def test_pairs_have_different_lengths(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from stages.train.batch import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    pairs = [tokenize_pair(tokenizer, row, MAX_LENGTH) for row in PAIRS]
+    lengths = [len(p.prompt) + len(p.chosen) for p in pairs] + [len(p.prompt) + len(p.rejected) for p in pairs]
+    assert len(set(lengths)) >= 6, lengths  # padding happens in every batch, both splits
+
+
+def test_two_workers_match_one_worker(tiny_llama, ray_local, tmp_path):
+    one = _run(tiny_llama, 1, tmp_path)
+    two = _run(tiny_llama, 2, tmp_path)
+    assert one["world"] == 1 and two["world"] == 2
+
+    loss1, loss2 = one["metrics"]["loss"], two["metrics"]["loss"]
+    assert abs(loss1 - math.log(2)) > 1e-3, "policy == reference: the test would be trivial"
+    assert abs(loss1 - one["local_loss"]) < 1e-6  # one worker: its share is the whole batch
+    assert loss2 == pytest.approx(loss1, abs=1e-5)
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, abs=1e-5), key
+
+    assert one["grads"].keys() == two["grads"].keys()
+    max_diff, max_grad = 0.0, 0.0
+    for name, g1 in one["grads"].items():
+        g2 = two["grads"][name]
+        assert g1 is not None and g2 is not None, f"{name} has no gradient"
+        assert g1.shape == g2.shape, name
+        diff = float((g1 - g2).abs().max())
+        max_diff = max(max_diff, diff)
+        max_grad = max(max_grad, float(g1.abs().max()))
+        assert diff <= 1e-5, f"{name}: max |Δgrad| = {diff:.3g}"
+    assert max_grad > 1e-4, "all gradients are (near) zero: the test would be trivial"
+    print(f"\nloss {loss1:.6f} (ln 2 = {math.log(2):.6f}); W=1 vs W=2: |Δloss| = {abs(loss1 - loss2):.3g}, max |Δgrad| = {max_diff:.3g} (max |grad| {max_grad:.3g})")
+
+    # The single-worker FSDP step against a plain float64 computation.
+    ref = _plain_float64(tiny_llama)
+    assert loss1 == pytest.approx(ref["loss"], abs=1e-4)
+    assert one["metrics"]["logps/chosen"] == pytest.approx(ref["logps/chosen"], abs=1e-4)
+    assert one["metrics"]["logps/rejected"] == pytest.approx(ref["logps/rejected"], abs=1e-4)
+    assert ref["grads"].keys() == one["grads"].keys()
+    for name, g64 in ref["grads"].items():
+        torch.testing.assert_close(one["grads"][name].double(), g64, atol=1e-4, rtol=1e-3, msg=name)
