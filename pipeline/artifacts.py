@@ -1,14 +1,14 @@
 """The run directory: one folder per round and stage, each finished folder carrying a manifest.
 
 A stage writes into a hidden temporary sibling (`.sample.tmp-<pid>`), the runner adds
-`manifest.json`, then renames the folder into place. So a folder under its final name is always
+`_manifest.json`, then renames the folder into place. So a folder under its final name is always
 complete, and a stage killed half-way leaves only a temporary folder that the next run clears:
 rerunning gives the same rows, never duplicates.
 
 ```
 runs/<name>/
   config.yaml                  the resolved config of the last run
-  round-0/sample/              candidates (Parquet) + manifest.json
+  round-0/sample/              candidates (Parquet) + _manifest.json
   round-0/judge/               scored candidates
   round-0/pairs/s1/            TRL-ready pairs, one folder per scenario
   round-0/train/               checkpoint/ (HF folder), metrics.jsonl
@@ -28,7 +28,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-MANIFEST = "manifest.json"
+# The leading underscore makes pyarrow, pandas, Ray Data and Spark skip it when they read the
+# folder as a Parquet dataset (as they skip `_SUCCESS`): `pd.read_parquet("round-0/sample")` works.
+MANIFEST = "_manifest.json"
 
 
 def stage_dir(run_dir: Path, round_: int, stage: str) -> Path:

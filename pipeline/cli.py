@@ -77,6 +77,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "stage":
         if not 0 <= args.round < cfg.rounds:
             raise UserError(f"--round {args.round}: this config has rounds 0..{cfg.rounds - 1}")
+        runner.preflight()
         runner.save_config()
         print(runner.run_stage(args.name, args.round, force=args.force))
         return 0

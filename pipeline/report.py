@@ -34,7 +34,8 @@ def headline_rows(run_dir: Path) -> list[dict[str, Any]]:
         for name, s in json.loads(summary_file.read_text()).items():
             if r > 0 and name == "before":
                 continue  # the previous round's "after"
-            rows.append({"round": r, "model": "base" if (r == 0 and name == "before") else f"round-{r} checkpoint", **s})
+            label = "base" if (r == 0 and name == "before") else f"round-{r} checkpoint"
+            rows.append({"round": r, **s, "model": label})
     return rows
 
 

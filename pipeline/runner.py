@@ -117,7 +117,16 @@ class Runner:
         log.info("round %d %s: done in %.0f s: %s", round_, name, time.time() - start, _brief(stats))
         return out
 
+    def preflight(self) -> None:
+        """Catch bad input before any work: the model resolves, both prompt splits load."""
+        from pipeline.data import load_prompts
+
+        resolve_model(self.cfg.policy)
+        for split in ("train", "eval"):
+            load_prompts(self.cfg.data, split)
+
     def run_all(self) -> Path:
+        self.preflight()
         self.save_config()
         for round_ in range(self.cfg.rounds):
             for name in STAGES:

@@ -41,6 +41,8 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     models = {"before": (inputs["policy"], inputs["policy_name"]), "after": (str(Path(inputs["train"]) / "checkpoint"), "checkpoint")}
     pairs_file = Path(inputs["pairs"]) / f"s{cfg.train.scenario}" / "pairs.parquet"
 
+    # The forward passes get every CPU of a node that is otherwise idle at this point.
+    logps_task = pair_logps.options(num_cpus=max(1, min(cfg.evaluate.logp_cpus, int(ray.available_resources().get("CPU", 1)))))
     generations, logps, summary = [], [], {}
     for name, (path, display) in models.items():
         raw = out / f".raw-{name}"
@@ -48,7 +50,7 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
         judged.insert(0, "side", name)
         generations.append(judged.drop(columns=["messages"]))
-        lp = ray.get(pair_logps.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs))
+        lp = ray.get(logps_task.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs, cfg.train.dtype))
         lp.insert(0, "side", name)
         logps.append(lp)
         summary[name] = {

@@ -1,7 +1,8 @@
 """Log-probs of chosen and rejected responses under one model, as a Ray task.
 
-Uses the training code's tokenization and `policy_logps`, on a plain (unsharded) model, so the
-numbers are the ones training logged at step 1 for the reference model.
+Uses the training code's tokenization and `policy_logps`, on a plain (unsharded) model and in
+the training dtype (bf16 compute with fp32 log-softmax, or fp32), so the "before" numbers are
+the ones training logged for the reference model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 
 @ray.remote(num_cpus=1)
-def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | None, micro_batch: int = 4) -> pd.DataFrame:
+def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | None, dtype: str = "float32",
+               micro_batch: int = 4) -> pd.DataFrame:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.train.batch import collate, tokenize_pair
@@ -25,7 +27,8 @@ def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | N
     rows = pq.read_table(pairs_file).to_pylist()[:limit]
     pairs = [tokenize_pair(tokenizer, row, max_length) for row in rows]
     chosen, rejected = [], []
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with torch.no_grad(), autocast:
         for start in range(0, len(pairs), micro_batch):
             c, r = policy_logps(model, collate(pairs[start : start + micro_batch], pad_id))
             chosen += c.tolist()

@@ -70,6 +70,9 @@ def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, micro_batch:
     local = torch.stack([torch.cat(chosen), torch.cat(rejected)])  # [2, per_rank]
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
+    # A no_grad forward leaves FSDP2's root parameters (embeddings, final norm) unsharded, as
+    # plain tensors; an optimiser built now would hold those and never see their gradients.
+    model.reshard()
     table = torch.empty(2, len(pairs), dtype=local.dtype, device=local.device)
     for r, part in enumerate(gathered):
         idx = torch.tensor([(r + world * k) % len(pairs) for k in range(per_rank)], device=local.device)
@@ -141,12 +144,11 @@ def train_loop(config: dict[str, Any]) -> None:
     pairs = [tokenize_pair(tokenizer, row, cfg.max_length) for row in rows]
     objective = objective_for(cfg.method)
 
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
     share = batch_size // world
     ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device)
     schedule = batch_schedule(len(pairs), batch_size, cfg.epochs, cfg.seed, cfg.max_steps)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     bar = _progress(len(schedule)) if rank == 0 else None
     model.train()

@@ -84,6 +84,8 @@ def fsdp_step_worker(config: dict) -> None:
     pairs = [tokenize_pair(tokenizer, row, MAX_LENGTH) for row in config["pairs"]]
 
     ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, 1, device)
+    # What `train_loop` hands the optimizer: the parameters as registered after the reference pass.
+    params_after_reference = list(model.named_parameters())
     ref_chosen = ref_chosen - torch.tensor(REF_CHOSEN_OFFSET, device=ref_chosen.device)
     ref_rejected = ref_rejected - torch.tensor(REF_REJECTED_OFFSET, device=ref_rejected.device)
 
@@ -110,8 +112,10 @@ def fsdp_step_worker(config: dict) -> None:
             grads[name] = None
             continue
         grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu().clone()
+    without_grad = [name for name, p in params_after_reference if p.grad is None]
     if rank == 0:
-        torch.save({"world": world, "local_loss": loss.item(), "metrics": metrics, "grads": grads}, config["result"])
+        torch.save({"world": world, "local_loss": loss.item(), "metrics": metrics, "grads": grads,
+                    "without_grad": without_grad}, config["result"])  # fmt: skip
     dist.barrier()
 
 
@@ -171,9 +175,15 @@ def test_pairs_have_different_lengths(tiny_llama):
     assert len(set(lengths)) >= 6, lengths  # padding happens in every batch, both splits
 
 
-def test_two_workers_match_one_worker(tiny_llama, ray_local, tmp_path):
-    one = _run(tiny_llama, 1, tmp_path)
-    two = _run(tiny_llama, 2, tmp_path)
+@pytest.fixture(scope="module")
+def steps(tiny_llama, ray_local, tmp_path_factory) -> dict[int, dict]:
+    """The same step on 1 and on 2 workers, each in a fresh TorchTrainer run."""
+    tmp_path = tmp_path_factory.mktemp("fsdp-equivalence")
+    return {workers: _run(tiny_llama, workers, tmp_path) for workers in (1, 2)}
+
+
+def test_two_workers_match_one_worker(steps):
+    one, two = steps[1], steps[2]
     assert one["world"] == 1 and two["world"] == 2
 
     loss1, loss2 = one["metrics"]["loss"], two["metrics"]["loss"]
@@ -194,13 +204,23 @@ def test_two_workers_match_one_worker(tiny_llama, ray_local, tmp_path):
         max_grad = max(max_grad, float(g1.abs().max()))
         assert diff <= 1e-5, f"{name}: max |Δgrad| = {diff:.3g}"
     assert max_grad > 1e-4, "all gradients are (near) zero: the test would be trivial"
-    print(f"\nloss {loss1:.6f} (ln 2 = {math.log(2):.6f}); W=1 vs W=2: |Δloss| = {abs(loss1 - loss2):.3g}, max |Δgrad| = {max_diff:.3g} (max |grad| {max_grad:.3g})")
+    print(f"\nloss {loss1:.6f} (ln 2 = {math.log(2):.6f}); W=1 vs W=2: |Δloss| = {abs(loss1 - loss2):.3g}, "
+          f"max |Δgrad| = {max_diff:.3g} (max |grad| {max_grad:.3g})")  # fmt: skip
 
-    # The single-worker FSDP step against a plain float64 computation.
+
+def test_one_worker_matches_plain_float64(steps, tiny_llama):
+    one = steps[1]
     ref = _plain_float64(tiny_llama)
-    assert loss1 == pytest.approx(ref["loss"], abs=1e-4)
+    assert one["metrics"]["loss"] == pytest.approx(ref["loss"], abs=1e-4)
     assert one["metrics"]["logps/chosen"] == pytest.approx(ref["logps/chosen"], abs=1e-4)
     assert one["metrics"]["logps/rejected"] == pytest.approx(ref["logps/rejected"], abs=1e-4)
     assert ref["grads"].keys() == one["grads"].keys()
     for name, g64 in ref["grads"].items():
         torch.testing.assert_close(one["grads"][name].double(), g64, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parameters_after_reference_pass_receive_gradients(steps, workers):
+    """`train_loop` builds its optimizer from `model.parameters()` after the reference pass: those
+    must be the parameters the step's gradients land on, or the optimizer never updates them."""
+    assert steps[workers]["without_grad"] == []

@@ -81,9 +81,9 @@ def test_train_stage_runs_dpo_and_saves_a_checkpoint(tiny_llama, ray_local, tmp_
     initial = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     before, after = initial.state_dict(), trained.state_dict()
     assert before.keys() == after.keys()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert changed, "no weight changed"
-    assert any("layers.0." in k for k in changed) and any("embed_tokens" in k for k in changed), changed
+    # AdamW moves every parameter that has a gradient, by about lr per step.
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert unchanged == [], f"the optimizer never updated {unchanged}"
     assert all(torch.isfinite(v).all() for v in after.values())
 
     tok0, tok1 = AutoTokenizer.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(ckpt)

@@ -1,0 +1,146 @@
+"""The whole pipeline through its CLI on the embedded model (configs/tiny.yaml), killed and resumed.
+
+1. `python -m pipeline run configs/tiny.yaml` is killed (SIGKILL, whole process group) while the
+   train stage is running;
+2. the same command again finishes: finished stages are skipped, train re-runs from scratch,
+   the row counts are those of the config and no row is duplicated;
+3. the artifacts are checked: layout, manifests, TRL pair columns, metrics, a checkpoint that
+   transformers loads, the report;
+4. a third run skips everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.e2e
+
+
+def _cli(run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "run", str(TINY), "--run-dir", str(run_dir), *args]
+
+
+def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _kill_when(cmd: list[str], ready, timeout: float = 600) -> None:
+    """Start `cmd` in its own process group and SIGKILL the whole group once `ready()` holds."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "the run never reached the point to kill it"
+            time.sleep(0.5)
+        time.sleep(3)  # well inside the stage
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(2)
+
+
+def test_killed_run_resumes_and_produces_a_loadable_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    round0 = run_dir / "round-0"
+    # 1. kill it while train runs
+    _kill_when(_cli(run_dir), lambda: any(round0.glob(".train.tmp-*")))
+    assert (round0 / "pairs" / "_manifest.json").is_file()
+    assert not (round0 / "train").exists(), "a killed stage must not leave a finished-looking folder"
+    sample_manifest = json.loads((round0 / "sample" / "_manifest.json").read_text())
+
+    # 2. resume
+    result = _run(_cli(run_dir))
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stderr
+    for stage in ("sample", "judge", "pairs"):
+        assert f"round 0 {stage}: up to date" in log
+    assert "round 0 train: running" in log
+    assert not list(round0.glob(".*.tmp-*")), "temporary folders left behind"
+    assert json.loads((round0 / "sample" / "_manifest.json").read_text()) == sample_manifest
+
+    # 3. artifacts
+    candidates = pd.read_parquet(round0 / "sample")
+    assert len(candidates) == 8 * 4 == sample_manifest["stats"]["rows"]
+    assert not candidates.duplicated(["prompt_id", "candidate_id"]).any()
+    judged = pd.read_parquet(round0 / "judge")
+    assert len(judged) == len(candidates) and judged.score.between(1, 5).all()
+
+    pairs_manifest = json.loads((round0 / "pairs" / "_manifest.json").read_text())
+    pairs = pq.read_table(round0 / "pairs" / "s1" / "pairs.parquet").to_pylist()
+    assert len(pairs) == pairs_manifest["stats"]["s1"]["pairs"] >= 2
+    assert pairs_manifest["stats"]["s1"]["pairs"] + pairs_manifest["stats"]["s1"]["dropped_uniform"] == 8
+    assert {"prompt", "chosen", "rejected", "prompt_id", "chosen_score", "rejected_score", "scenario"} <= set(pairs[0])
+    from trl.data_utils import is_conversational
+
+    assert all(is_conversational(p) for p in pairs)
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+
+    train = round0 / "train"
+    metrics = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
+    train_manifest = json.loads((train / "_manifest.json").read_text())
+    assert len(metrics) == train_manifest["stats"]["steps"] >= 1
+    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)), "duplicated metric lines"
+    assert abs(metrics[0]["loss"] - 0.693147) < 1e-4  # policy == reference at step 1
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert key in metrics[0]
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(train / "checkpoint", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(train / "checkpoint")
+    ids = tokenizer("The answer is", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+    assert sum(p.numel() for p in model.parameters()) > 100e6  # the real 135M model, not a stub
+
+    summary = json.loads((round0 / "evaluate" / "summary.json").read_text())
+    assert set(summary) == {"before", "after"}
+    for side in summary.values():
+        assert 0 <= side["5_points"] <= side["4&5_points"] <= 1
+    generations = pd.read_parquet(round0 / "evaluate" / "generations.parquet")
+    assert len(generations) == 2 * 4  # 4 held-out prompts, before and after
+    # evaluate's "before" logps are the reference logps training saw at step 1
+    logps = pd.read_parquet(round0 / "evaluate" / "logps.parquet")
+    before = logps[logps.side == "before"]
+    assert len(before) == len(pairs)
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "5 points" in report and "| base |" in report and "round-0 checkpoint" in report
+    assert (run_dir / "report" / "train_curves.png").stat().st_size > 5000
+    assert "report:" in result.stdout and "| base |" in result.stdout
+
+    # 4. nothing left to do
+    again = _run(_cli(run_dir))
+    assert again.returncode == 0
+    assert again.stderr.count("up to date") == 5
+
+
+def test_user_errors_end_with_one_message_and_no_traceback(tmp_path):
+    cases = {
+        "sampler.n=abc": "sampler.n",
+        "train.lrr=1": "train.lrr: unknown key",
+        'data={"type":"file"}': "data.path: required key is missing",
+        f'data={{"type":"file","path":"{tmp_path / "missing.jsonl"}"}}': "prompt file not found",
+        f"policy={tmp_path / 'no-model'}": "model not found",
+    }
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?"}\n{"prompt": "2+2?"}\n')
+    cases[f'data={{"type":"file","path":"{bad}"}}'] = "line 1: no field 'prompt'"
+    for overrides, expected in cases.items():
+        result = _run([sys.executable, "-m", "pipeline", "run", str(TINY), *overrides.split(), "--run-dir", str(tmp_path / "r")], timeout=120)
+        assert result.returncode == 2, (overrides, result.stderr[-2000:])
+        assert expected in result.stderr, (overrides, result.stderr)
+        assert "Traceback" not in result.stderr, (overrides, result.stderr)
+    assert not (tmp_path / "r" / "round-0").exists(), "bad input must stop before any work"
