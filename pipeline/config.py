@@ -99,6 +99,9 @@ class VLLMSampler(Block):
     )
     enforce_eager: bool = True
     use_gpu: bool = False
+    cpu_reserved: int = Field(
+        0, ge=0, description="CPU only: cores vLLM leaves to other work (its default, 1, halves a 2-core laptop)"
+    )
 
 
 SamplerConfig = Annotated[Union[VLLMSampler], Field(discriminator="type")]

@@ -83,6 +83,8 @@ def processor_config(sampler: VLLMSampler, model_path: str):
     if not sampler.use_gpu:
         # Without an explicit CPU bundle Ray Data asks for a GPU per engine and waits forever.
         extra["placement_group_config"] = dict(bundles=[{"CPU": 1}] * sampler.tensor_parallel_size)
+        # vLLM's CPU backend binds its OpenMP threads to all cores but `reserved` ones.
+        extra["runtime_env"] = {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(sampler.cpu_reserved)}}
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         batch_size=sampler.batch_size,
