@@ -3,8 +3,8 @@
 Every worker runs `train_loop`. The recipe:
 1. load the policy and shard it with FSDP2 (`fully_shard` on each decoder layer, then the root);
 2. reference pass: before any update the policy *is* the reference, so its log-probs of every
-   pair are computed once, under no_grad, and all-gathered (no reference model in memory
-   during training);
+   pair are computed once, under no_grad, in the first epoch's batches, and all-gathered (no
+   reference model in memory during training);
 3. for each global batch of `batch_size` pairs, worker r takes its contiguous share, computes the
    objective's mean over that share and backpropagates; FSDP averages the gradients over
    workers, so the update equals the single-process update on the whole global batch;
@@ -51,23 +51,30 @@ def policy_logps(model, batch: Batch) -> tuple[Tensor, Tensor]:
     return logps[: batch.num_pairs], logps[batch.num_pairs :]
 
 
-def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, micro_batch: int, device) -> tuple[Tensor, Tensor]:
+def reference_logps(
+    model, pairs: list[TokenizedPair], pad_id: int, micro_batch: int, device, order: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
     """Log-probs of every pair under the initial policy, identical on every rank.
 
-    Rank r takes pairs r, r+W, ...; every rank runs the same number of forwards (the last ones
-    padded with repeats), because each FSDP forward is a collective all ranks must join.
+    Pairs are visited in `order` (the first epoch's), in global batches of `micro_batch × W`,
+    rank r taking its contiguous share: the very batches of the first epoch's steps. In bf16
+    a different padding width changes the kernels' rounding, so only identical batches make
+    step 1's policy log-probs equal the reference's (loss exactly ln 2). The tail is padded
+    with repeats: each FSDP forward is a collective that every rank must join.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    per_rank = math.ceil(len(pairs) / world)
-    mine = [(rank + world * k) % len(pairs) for k in range(per_rank)]
+    order = list(range(len(pairs))) if order is None else list(order)
+    chunk = micro_batch * world
+    padded = [order[i % len(order)] for i in range(math.ceil(len(order) / chunk) * chunk)]
+    mine = _rank_share(padded, rank, micro_batch, world)
     chosen, rejected = [], []
     with torch.no_grad():
-        for start in range(0, per_rank, micro_batch):
+        for start in range(0, len(mine), micro_batch):
             batch = collate([pairs[i] for i in mine[start : start + micro_batch]], pad_id).to(device)
             c, r = policy_logps(model, batch)
             chosen.append(c.float())
             rejected.append(r.float())
-    local = torch.stack([torch.cat(chosen), torch.cat(rejected)])  # [2, per_rank]
+    local = torch.stack([torch.cat(chosen), torch.cat(rejected)])  # [2, len(mine)]
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     # A no_grad forward leaves FSDP2's root parameters (embeddings, final norm) unsharded, as
@@ -75,9 +82,14 @@ def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, micro_batch:
     model.reshard()
     table = torch.empty(2, len(pairs), dtype=local.dtype, device=local.device)
     for r, part in enumerate(gathered):
-        idx = torch.tensor([(r + world * k) % len(pairs) for k in range(per_rank)], device=local.device)
-        table[:, idx] = part
+        table[:, torch.tensor(_rank_share(padded, r, micro_batch, world), device=local.device)] = part
     return table[0], table[1]
+
+
+def _rank_share(indices: list[int], rank: int, share: int, world: int) -> list[int]:
+    """Rank r's contiguous `share` of each global batch of `share × world` indices, concatenated."""
+    chunk = share * world
+    return [i for s in range(0, len(indices), chunk) for i in indices[s + rank * share : s + (rank + 1) * share]]
 
 
 def step_loss(model, batch: Batch, ref_chosen: Tensor, ref_rejected: Tensor, objective: Objective) -> tuple[Tensor, ObjectiveOutput]:
@@ -95,11 +107,15 @@ def global_means(out: ObjectiveOutput, global_pairs: int) -> dict[str, float]:
     return {name: float(v) / global_pairs for name, v in zip(names, local)}
 
 
+def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
 def batch_schedule(num_pairs: int, batch_size: int, epochs: int, seed: int, max_steps: int | None) -> list[list[int]]:
     """Global batches of pair indices, a fresh seeded permutation per epoch, last partial batch dropped."""
     steps: list[list[int]] = []
     for epoch in range(epochs):
-        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        order = epoch_order(num_pairs, seed, epoch)
         steps += [order[i : i + batch_size] for i in range(0, num_pairs - batch_size + 1, batch_size)]
     return steps[:max_steps] if max_steps else steps
 
@@ -147,7 +163,7 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
     share = batch_size // world
-    ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device)
+    ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device, epoch_order(len(pairs), cfg.seed, 0))
     schedule = batch_schedule(len(pairs), batch_size, cfg.epochs, cfg.seed, cfg.max_steps)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     bar = _progress(len(schedule)) if rank == 0 else None
