@@ -13,7 +13,14 @@ from typing import Any
 from pipeline.artifacts import atomic_write_text, read_manifest, stage_dir
 from pipeline.config import RunConfig
 
-TRAIN_CURVES = (("logps/chosen", "logps/rejected"), ("loss",), ("rewards/margins", "rewards/accuracies"))
+# logps/* vary with each batch's pairs; rewards/* = β·(logp − ref_logp) show the drift from the
+# reference on the same pairs, where a drastic drop of the rejected side is easiest to see.
+TRAIN_CURVES = (
+    ("logps/chosen", "logps/rejected"),
+    ("rewards/chosen", "rewards/rejected"),
+    ("loss",),
+    ("rewards/margins", "rewards/accuracies"),
+)
 
 
 def _rounds(run_dir: Path) -> list[int]:
@@ -64,7 +71,7 @@ def plot_training(run_dir: Path, out: Path) -> Path | None:
     curves = {r: m for r, m in curves.items() if m}
     if not curves:
         return None
-    fig, axes = plt.subplots(1, len(TRAIN_CURVES), figsize=(5 * len(TRAIN_CURVES), 3.6))
+    fig, axes = plt.subplots(1, len(TRAIN_CURVES), figsize=(4.5 * len(TRAIN_CURVES), 3.6))
     for ax, keys in zip(axes, TRAIN_CURVES):
         for r, metrics in curves.items():
             steps = [m["step"] for m in metrics]

@@ -36,5 +36,5 @@ def judge_dataset(ds: "ray.data.Dataset", judge: JudgeConfig) -> "ray.data.Datas
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     ds = judge_dataset(ray.data.read_parquet(inputs["sample"]), cfg.judge)
     ds.write_parquet(str(out))
-    scores = ray.data.read_parquet(str(out), columns=["score"]).to_pandas()["score"]
+    scores = ray.data.read_parquet(str(out)).select_columns(["score"]).to_pandas()["score"]
     return {"rows": len(scores), "score_counts": {int(k): int(v) for k, v in scores.value_counts().sort_index().items()}}
