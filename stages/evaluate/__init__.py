@@ -14,6 +14,7 @@ Writes `generations.parquet` (judged answers of both models), `logps.parquet` an
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -60,14 +61,8 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
             "logps/chosen": float(lp["logps_chosen"].mean()),
             "logps/rejected": float(lp["logps_rejected"].mean()),
         }
-        _rmtree(raw)
+        shutil.rmtree(raw, ignore_errors=True)
     pd.concat(generations, ignore_index=True).to_parquet(out / "generations.parquet", index=False)
     pd.concat(logps, ignore_index=True).to_parquet(out / "logps.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"prompts": len(prompts), "rows": len(prompts) * len(models), "summary": summary}
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
