@@ -144,3 +144,10 @@ def test_user_errors_end_with_one_message_and_no_traceback(tmp_path):
         assert expected in result.stderr, (overrides, result.stderr)
         assert "Traceback" not in result.stderr, (overrides, result.stderr)
     assert not (tmp_path / "r" / "round-0").exists(), "bad input must stop before any work"
+
+
+def test_a_stage_without_its_inputs_names_the_stage_to_run_first(tmp_path):
+    result = _run([sys.executable, "-m", "pipeline", "stage", "train", str(TINY), "--run-dir", str(tmp_path)], timeout=120)
+    assert result.returncode == 2
+    assert "round-0/pairs, which is not finished: run `stage pairs` first" in result.stderr
+    assert "Traceback" not in result.stderr
