@@ -272,7 +272,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "union_tag_not_found":
             msg = "say which plug-in with a `type:` key"
         elif e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(err.title, e["loc"][:-1])
+            allowed = _allowed_keys(e["loc"][:-1])
             msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
@@ -287,9 +287,7 @@ def _is_union_tag(loc: tuple, i: int) -> bool:
     return i > 0 and tuple(str(p) for p in loc[:i]) in _PLUGIN_BLOCKS and loc[i] in _UNION_TAGS
 
 
-
-
-def _allowed_keys(title: str, loc: tuple) -> list[str]:
+def _allowed_keys(loc: tuple) -> list[str]:
     """The field names of the model at `loc` (walking through union members by their tag)."""
     model: Any = RunConfig
     for i, part in enumerate(loc):
@@ -307,10 +305,8 @@ def _allowed_keys(title: str, loc: tuple) -> list[str]:
 def _model_of(annotation: Any, loc: tuple) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    args = getattr(annotation, "__args__", ()) or ()
-    if getattr(annotation, "__metadata__", None):  # Annotated[Union[...], Field(...)]
-        args = annotation.__args__
-    members = [a for a in _flatten(args) if isinstance(a, type) and issubclass(a, BaseModel)]
+    # Annotated[Union[A, B], Field(...)] or Optional[A]: look through to the model classes
+    members = [a for a in _flatten(getattr(annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
     for m in members:  # pick the member whose tag is in loc
         tag = m.model_fields.get("type")
         if tag is not None and tag.default in loc:

@@ -96,3 +96,16 @@ def test_runner_reads_input_keys_from_finished_manifests_and_names_missing_ones(
     assert keys["sample"] == sample_key and os.path.isdir(paths["sample"])
     with pytest.raises(UserError, match="run round 0 first"):
         runner.policy(1)
+
+
+def test_round_k_samples_from_round_k_minus_1_checkpoint(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    runner = Runner(RunConfig(policy=str(tmp_path / "m"), rounds=2), tmp_path / "run")
+    assert runner.policy(0)[0] == str((tmp_path / "m").resolve())
+    train_key = _finish(runner, "train", {"pairs": "p"})
+    path, name, key = runner.policy(1)
+    assert path == str(runner.run_dir / "round-0" / "train" / "checkpoint")
+    assert (name, key) == ("round-0", train_key)
+    # so a retrained round 0 changes every key of round 1
+    assert runner.key(STAGES["sample"], {"policy": key}) != runner.key(STAGES["sample"], {"policy": "other"})
