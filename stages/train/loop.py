@@ -174,13 +174,14 @@ def train_loop(config: dict[str, Any]) -> None:
         loss, outputs = step_loss(model, batch, ref_chosen[mine.to(device)], ref_rejected[mine.to(device)], objective)
         loss.backward()
         grad_norm = _clip(model, cfg.grad_clip)
+        lr = warmup.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         warmup.step()
         optimizer.zero_grad(set_to_none=True)
         metrics = global_means(outputs, batch_size)
         if rank == 0:
             record = {"step": step + 1, "epoch": step * batch_size / len(pairs), **metrics,
-                      "grad_norm": grad_norm, "lr": warmup.get_last_lr()[0]}  # fmt: skip
+                      "grad_norm": grad_norm, "lr": lr}  # fmt: skip
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_description(f"train loss={metrics['loss']:.4f} margin={metrics['rewards/margins']:.3f}")
