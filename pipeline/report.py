@@ -61,12 +61,17 @@ def headline(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def plot_training(run_dir: Path, out: Path) -> Path | None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_training(run_dir: Path, out: Path) -> Path | None:
+    plt = _pyplot()
     curves = {r: _metrics(stage_dir(run_dir, r, "train")) for r in _rounds(run_dir)}
     curves = {r: m for r, m in curves.items() if m}
     if not curves:
@@ -89,11 +94,7 @@ def plot_training(run_dir: Path, out: Path) -> Path | None:
 
 
 def plot_scores(rows: list[dict[str, Any]], out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))

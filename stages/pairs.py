@@ -66,10 +66,7 @@ def select_pair(candidates: list[dict[str, Any]], cfg: PairsConfig) -> dict[str,
 
 
 def _pairs_of_group(group: pd.DataFrame, cfg: PairsConfig) -> pd.DataFrame:
-    records = group.to_dict("records")
-    for r in records:  # Arrow hands list columns over as numpy arrays
-        r["messages"] = list(r["messages"])
-    pair = select_pair(records, cfg)
+    pair = select_pair(group.to_dict("records"), cfg)
     return pd.DataFrame([pair] if pair else [], columns=PAIR_COLUMNS)
 
 
@@ -91,7 +88,7 @@ def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     scored = ray.data.read_parquet(inputs["judge"])
     prompts = scored.unique("prompt_id")
-    stats: dict[str, Any] = {"prompts": len(prompts)}
+    stats: dict[str, Any] = {"prompts": len(prompts), "rows": 0}
     for scenario in cfg.pairs.scenarios:
         pairs = scored.groupby("prompt_id").map_groups(
             _pairs_of_group, fn_kwargs={"cfg": cfg.pairs}, batch_format="pandas"
@@ -102,5 +99,5 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         folder.mkdir()
         pq.write_table(pa.Table.from_pylist(rows), folder / "pairs.parquet")
         stats[f"s{scenario}"] = {"pairs": len(rows), "dropped_uniform": len(prompts) - len(rows)}
-    stats["rows"] = sum(v["pairs"] for k, v in stats.items() if k.startswith("s"))
+        stats["rows"] += len(rows)
     return stats

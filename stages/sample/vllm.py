@@ -16,6 +16,11 @@ import ray
 
 from pipeline.config import VLLMSampler
 
+# On CPU, the stages around the engine (our pre/post-processing, ray.data.llm's chat template,
+# tokenizer, detokenizer) each reserve a whole CPU by Ray's default: with the engine's, more than
+# a 2-core node has, and the engine's placement group may never be scheduled. They are light.
+_LIGHT = {"num_cpus": 0.25}
+
 CANDIDATE_COLUMNS = (
     "prompt_id", "candidate_id", "prompt", "messages", "solution", "answer", "response",
     "prompt_tokens", "response_tokens", "finish_reason", "sampler", "model", "seed",
@@ -85,10 +90,7 @@ def processor_config(sampler: VLLMSampler, model_path: str):
         extra["placement_group_config"] = dict(bundles=[{"CPU": 1}] * sampler.tensor_parallel_size)
         # vLLM's CPU backend binds its OpenMP threads to all cores but `reserved` ones.
         extra["runtime_env"] = {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(sampler.cpu_reserved)}}
-        # The chat-template, tokenizer and detokenizer actors reserve a whole CPU each by default:
-        # with the engine's, that is 4 on a 2-core laptop, and the engine may never be scheduled.
-        light = {"num_cpus": 0.25}
-        extra.update(chat_template_stage=light, tokenize_stage=light, detokenize_stage=light)
+        extra.update(chat_template_stage=_LIGHT, tokenize_stage=_LIGHT, detokenize_stage=_LIGHT)
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         batch_size=sampler.batch_size,
@@ -105,9 +107,7 @@ def generate(sampler: VLLMSampler, model_path: str, model_name: str, prompts: li
     from ray.data.llm import build_processor
 
     rows = [{**p, "candidate_id": c} for p in prompts for c in range(sampler.n)]
-    # Our pre/post-processing is light; at a whole CPU each (Ray's default) they can starve the
-    # engine's placement group on a small node.
-    light = None if sampler.use_gpu else {"num_cpus": 0.25}
+    light = None if sampler.use_gpu else _LIGHT
     processor = build_processor(
         processor_config(sampler, model_path),
         preprocess=partial(_preprocess, sampler=sampler),

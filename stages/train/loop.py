@@ -169,9 +169,9 @@ def train_loop(config: dict[str, Any]) -> None:
     bar = _progress(len(schedule)) if rank == 0 else None
     model.train()
     for step, indices in enumerate(schedule):
-        mine = torch.tensor(indices[rank * share : (rank + 1) * share])
-        batch = collate([pairs[i] for i in mine.tolist()], pad_id).to(device)
-        loss, outputs = step_loss(model, batch, ref_chosen[mine.to(device)], ref_rejected[mine.to(device)], objective)
+        mine = indices[rank * share : (rank + 1) * share]
+        batch = collate([pairs[i] for i in mine], pad_id).to(device)
+        loss, outputs = step_loss(model, batch, ref_chosen[mine], ref_rejected[mine], objective)
         loss.backward()
         grad_norm = _clip(model, cfg.grad_clip)
         lr = warmup.get_last_lr()[0]  # the rate this step used
