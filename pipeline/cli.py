@@ -71,7 +71,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.name
-    runner = Runner(cfg, run_dir)
+    runner = Runner(cfg, run_dir, config_path=args.config)
     if args.command == "run":
         report = runner.run_all()
     elif args.command == "stage":
@@ -88,5 +88,5 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.report import headline
 
     print(f"\nreport: {report}\n")
-    print(headline(run_dir))
+    print(headline(run_dir, cfg.rounds))
     return 0

@@ -8,6 +8,7 @@ that names the key and the keys allowed there.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -21,6 +22,13 @@ from pipeline.errors import UserError
 
 class Block(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def InputPath(default: Any = ..., **kwargs: Any) -> Any:
+    """A field naming a file or folder the run reads (prompts, a rubric, a model folder). Its
+    *content* fingerprint joins the keys of the stages that read it (`RunConfig.input_paths`),
+    so editing the file re-runs them even though the config text is unchanged."""
+    return Field(default, json_schema_extra={"input_path": True}, **kwargs)
 
 
 # ── prompts ──────────────────────────────────────────────────────────────────────────────────
@@ -46,8 +54,8 @@ class FileData(Block):
     """Prompts from a local (or pyarrow-filesystem) `.jsonl` or `.parquet` file."""
 
     type: Literal["file"] = "file"
-    path: str
-    eval_path: str | None = None
+    path: str = InputPath()
+    eval_path: str | None = InputPath(None)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     fields: FieldMap = FieldMap()
     seed: int = 0
@@ -59,7 +67,7 @@ class HFData(Block):
     id where the cluster has network)."""
 
     type: Literal["hf"] = "hf"
-    path: str
+    path: str = InputPath()
     split: str = "train"
     eval_split: str | None = None
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -193,6 +201,41 @@ class RunConfig(Block):
     evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_flow_down(cls, raw: Any) -> Any:
+        """`sampler: {n: 4}` keeps the default sampler (its `type` filled in), and the top-level
+        `seed` is the default of every block's own `seed` (data order, sampling, tie draws,
+        batch order): one number makes a run reproducible, a block's own seed still wins."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = copy.deepcopy(raw)
+        if "seed" in raw:
+            for name in _SEEDED_BLOCKS:
+                block = raw.setdefault(name, {})
+                if isinstance(block, dict):
+                    block.setdefault("seed", raw["seed"])
+        for path in _PLUGIN_BLOCKS:
+            _default_type(raw, path)
+        return raw
+
+    def input_paths(self, *blocks: str) -> dict[str, str]:
+        """Every file or folder named in `blocks` (fields declared with `InputPath`), by dotted key."""
+        found: dict[str, str] = {}
+
+        def walk(node: Any, prefix: str) -> None:
+            if not isinstance(node, BaseModel):
+                return
+            for name, field in type(node).model_fields.items():
+                value = getattr(node, name)
+                if (field.json_schema_extra or {}).get("input_path") and value is not None:
+                    found[f"{prefix}{name}"] = str(value)
+                walk(value, f"{prefix}{name}.")
+
+        for b in blocks:
+            walk(getattr(self, b), f"{b}.")
+        return found
+
     def hash_of(self, *blocks: str) -> str:
         """A short stable hash of some top-level blocks: the part of the config a stage depends on."""
         payload = {b: _dump(getattr(self, b)) for b in blocks}
@@ -221,7 +264,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     raw.setdefault("name", path.stem)
     for item in overrides:
         _apply_override(raw, item)
-    _default_plugin_types(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
@@ -229,19 +271,17 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise UserError(format_validation_error(err, source=source)) from None
 
 
-def _default_plugin_types(raw: dict) -> None:
-    """`sampler: {n: 4}` or `sampler.n=4` means the default sampler with n=4: fill in its `type`."""
-    defaults = RunConfig()
-    for block in _PLUGIN_BLOCKS:
-        node, default = raw, defaults
-        for part in block[:-1]:
-            node, default = node.get(part), getattr(default, part)
-            if not isinstance(node, dict):
-                break
-        else:
-            leaf = node.get(block[-1]) if isinstance(node, dict) else None
-            if isinstance(leaf, dict) and "type" not in leaf:
-                leaf["type"] = getattr(default, block[-1]).type
+def _default_type(raw: dict, path: tuple[str, ...]) -> None:
+    """Fill in the default plug-in's `type` of the block at `path` when the user gave keys only."""
+    node: Any = raw
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    leaf = node.get(path[-1]) if isinstance(node, dict) else None
+    if isinstance(leaf, dict) and "type" not in leaf:
+        default: Any = RunConfig
+        for part in path:
+            default = (default if isinstance(default, type) else type(default)).model_fields[part].default
+        leaf["type"] = default.type
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -324,6 +364,9 @@ def _flatten(args: tuple) -> list:
 
 # Where a config block picks its plug-in with `type:`.
 _PLUGIN_BLOCKS = {("data",), ("sampler",), ("judge",), ("train", "method")}
+
+# Blocks with a `seed` of their own, defaulting to the top-level one.
+_SEEDED_BLOCKS = ("data", "sampler", "pairs", "train")
 
 # Every plug-in's tag, e.g. "vllm", "verifier", "dpo": pydantic puts it in error locations.
 _UNION_TAGS = {c.model_fields["type"].default for c in Block.__subclasses__() if "type" in c.model_fields}

@@ -53,6 +53,10 @@ def _pick_split(main: Callable[[], list[dict]], held: Callable[[], list[dict]] |
         return train if split == "train" else evals
     rows = main()
     held_out = set(eval_indices(len(rows), fraction, seed))
+    if split == "eval" and not held_out:  # evaluate needs held-out prompts: preflight asks before any work
+        raise UserError(f"{main_name}: the held-out (eval) split is empty: data.eval_fraction={fraction} of "
+                        f"{len(rows)} row(s) holds none out. Set data.eval_fraction > 0 with at least 2 rows, "
+                        "or point data.eval_path (file) / data.eval_split (hf) at held-out prompts")
     return [r for i, r in enumerate(rows) if (i in held_out) == (split == "eval")]
 
 

@@ -23,8 +23,10 @@ TRAIN_CURVES = (
 )
 
 
-def _rounds(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("round-*") if p.name.split("-")[1].isdigit())
+def _rounds(run_dir: Path, rounds: int) -> list[int]:
+    """The config's rounds that have a folder: a round dropped from the config (`rounds` lowered)
+    may still be on disk, but it is not part of this run."""
+    return [r for r in range(rounds) if (Path(run_dir) / f"round-{r}").is_dir()]
 
 
 def _metrics(train_dir: Path) -> list[dict[str, Any]]:
@@ -32,9 +34,9 @@ def _metrics(train_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def headline_rows(run_dir: Path) -> list[dict[str, Any]]:
+def headline_rows(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
     rows = []
-    for r in _rounds(run_dir):
+    for r in _rounds(run_dir, rounds):
         summary_file = stage_dir(run_dir, r, "evaluate") / "summary.json"
         if not summary_file.is_file():
             continue
@@ -46,9 +48,9 @@ def headline_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def headline(run_dir: Path) -> str:
+def headline(run_dir: Path, rounds: int) -> str:
     """The table printed at the end of a run (markdown)."""
-    rows = headline_rows(run_dir)
+    rows = headline_rows(run_dir, rounds)
     if not rows:
         return "(no evaluation yet)"
     lines = ["| model | 5 points | 4&5 points | mean score | logps/chosen | logps/rejected | answer tokens |",
@@ -70,9 +72,9 @@ def _pyplot():
     return plt
 
 
-def plot_training(run_dir: Path, out: Path) -> Path | None:
+def plot_training(run_dir: Path, rounds: int, out: Path) -> Path | None:
     plt = _pyplot()
-    curves = {r: _metrics(stage_dir(run_dir, r, "train")) for r in _rounds(run_dir)}
+    curves = {r: _metrics(stage_dir(run_dir, r, "train")) for r in _rounds(run_dir, rounds)}
     curves = {r: m for r, m in curves.items() if m}
     if not curves:
         return None
@@ -118,18 +120,18 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = headline_rows(run_dir)
-    curves, scores = plot_training(run_dir, out), plot_scores(rows, out)
+    rows = headline_rows(run_dir, cfg.rounds)
+    curves, scores = plot_training(run_dir, cfg.rounds, out), plot_scores(rows, out)
     parts = [f"# Report: {cfg.name}", "",
              f"Policy `{cfg.policy}`, method `{cfg.train.method.type}` "
              f"({', '.join(f'{k}={v}' for k, v in cfg.train.method.model_dump().items() if k != 'type')}), "
              f"{cfg.rounds} round(s), sampler `{cfg.sampler.type}` n={cfg.sampler.n}, judge `{cfg.judge.type}`.", "",
-             "## Held-out evaluation (greedy, judged 1-5)", "", headline(run_dir), ""]  # fmt: skip
+             "## Held-out evaluation (greedy, judged 1-5)", "", headline(run_dir, cfg.rounds), ""]  # fmt: skip
     if scores:
         parts += [f"![held-out scores]({scores.name})", ""]
     parts += ["## Data", "", "| round | prompts | candidates | score counts (1..5) | pairs | dropped (uniform) |",
               "|---|---:|---:|---|---:|---:|"]  # fmt: skip
-    for r in _rounds(run_dir):
+    for r in _rounds(run_dir, cfg.rounds):
         judge = (read_manifest(stage_dir(run_dir, r, "judge")) or {}).get("stats", {})
         pairs = (read_manifest(stage_dir(run_dir, r, "pairs")) or {}).get("stats", {})
         s1 = pairs.get(f"s{cfg.train.scenario}", {})
@@ -140,7 +142,7 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     parts += ["", "## Training", ""]
     if curves:
         parts += [f"![training curves]({curves.name})", ""]
-    for r in _rounds(run_dir):
+    for r in _rounds(run_dir, cfg.rounds):
         metrics = _metrics(stage_dir(run_dir, r, "train"))
         if metrics:
             first, last = metrics[0], metrics[-1]
