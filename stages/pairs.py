@@ -1,10 +1,11 @@
 """pairs: best vs worst candidate per prompt, TRL-ready, one folder per scenario.
 
 Protocol (3D-properties §5.2): chosen = the best-scored candidate, rejected = the worst; prompts
-whose candidates all score alike carry no preference signal and are dropped (counted in the
-manifest). Ties inside the best or the worst group are broken deterministically:
-`tie_break: first` takes the lowest `candidate_id`; `random` draws with a generator seeded by
-(`pairs.seed`, `prompt_id`), so a rerun picks the same pair whatever the row order.
+whose candidates all score alike carry no preference signal and are dropped, as are prompts
+whose best-worst gap is below `min_margin` (the manifest counts the two apart). Ties inside the
+best or the worst group are broken deterministically: `tie_break: first` takes the lowest
+`candidate_id`; `random` draws with a generator seeded by (`pairs.seed`, `prompt_id`), so a
+rerun picks the same pair whatever the row order.
 
 Scenarios (who wrote chosen × rejected): 1 = policy × policy. 2-4 swap in the dataset's
 reference solution as chosen and/or another model's sample as rejected; they arrive with the
@@ -12,7 +13,10 @@ reference and other-model samplers.
 
 Columns: `prompt` (the chat as the policy saw it), `chosen`, `rejected` (one assistant turn each),
 TRL's conversational format, plus `prompt_id`, `chosen_score`, `rejected_score`,
-`chosen_candidate_id`, `rejected_candidate_id`, `chosen_source`, `rejected_source`, `scenario`.
+`chosen_candidate_id`, `rejected_candidate_id`, `chosen_source`, `rejected_source`, `scenario`,
+and, so training scores exactly what the policy wrote, `chosen_token_ids`/`rejected_token_ids`
+(the sampled ids, None for text from elsewhere) and `chosen_finish_reason`/`rejected_finish_reason`
+("length" for a response the token budget cut off: it gets no EOS in training).
 """
 
 from __future__ import annotations
@@ -60,9 +64,27 @@ def select_pair(candidates: list[dict[str, Any]], cfg: PairsConfig) -> dict[str,
         "rejected_candidate_id": int(worst["candidate_id"]),
         "chosen_source": "policy",
         "rejected_source": "policy",
+        "chosen_token_ids": _token_ids(best),
+        "rejected_token_ids": _token_ids(worst),
+        "chosen_finish_reason": best.get("finish_reason"),
+        "rejected_finish_reason": worst.get("finish_reason"),
         "scenario": 1,
         "num_candidates": len(candidates),
     }
+
+
+def _token_ids(candidate: dict[str, Any]) -> list[int] | None:
+    ids = candidate.get("response_token_ids")
+    return None if ids is None else [int(t) for t in ids]
+
+
+def drop_counts(scores: pd.DataFrame, num_pairs: int) -> dict[str, int]:
+    """Why prompts gave no pair, from their (prompt_id, score) rows: every candidate scored alike
+    ("uniform": the prompt is too easy or too hard for the policy), or the best-worst gap was
+    below `pairs.min_margin` ("margin": a choice of the config). Counted apart."""
+    distinct = scores.groupby("prompt_id")["score"].nunique()
+    uniform = int((distinct == 1).sum())
+    return {"dropped_uniform": uniform, "dropped_margin": len(distinct) - uniform - num_pairs}
 
 
 def _pairs_of_group(group: pd.DataFrame, cfg: PairsConfig) -> pd.DataFrame:
@@ -73,6 +95,7 @@ def _pairs_of_group(group: pd.DataFrame, cfg: PairsConfig) -> pd.DataFrame:
 PAIR_COLUMNS = [
     "prompt", "chosen", "rejected", "prompt_id", "chosen_score", "rejected_score",
     "chosen_candidate_id", "rejected_candidate_id", "chosen_source", "rejected_source",
+    "chosen_token_ids", "rejected_token_ids", "chosen_finish_reason", "rejected_finish_reason",
     "scenario", "num_candidates",
 ]  # fmt: skip
 
@@ -87,8 +110,8 @@ def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     scored = ray.data.read_parquet(inputs["judge"])
-    prompts = scored.unique("prompt_id")
-    stats: dict[str, Any] = {"prompts": len(prompts), "rows": 0}
+    scores = scored.select_columns(["prompt_id", "score"]).to_pandas()
+    stats: dict[str, Any] = {"prompts": int(scores.prompt_id.nunique()), "rows": 0}
     for scenario in cfg.pairs.scenarios:
         pairs = scored.groupby("prompt_id").map_groups(
             _pairs_of_group, fn_kwargs={"cfg": cfg.pairs}, batch_format="pandas"
@@ -98,6 +121,6 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         folder = out / f"s{scenario}"
         folder.mkdir()
         pq.write_table(pa.Table.from_pylist(rows), folder / "pairs.parquet")
-        stats[f"s{scenario}"] = {"pairs": len(rows), "dropped_uniform": len(prompts) - len(rows)}
+        stats[f"s{scenario}"] = {"pairs": len(rows), **drop_counts(scores, len(rows))}
         stats["rows"] += len(rows)
     return stats

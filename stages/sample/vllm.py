@@ -23,7 +23,8 @@ _LIGHT = {"num_cpus": 0.25}
 
 CANDIDATE_COLUMNS = (
     "prompt_id", "candidate_id", "prompt", "messages", "solution", "answer", "response",
-    "prompt_tokens", "response_tokens", "finish_reason", "sampler", "model", "seed",
+    "prompt_token_ids", "response_token_ids", "prompt_tokens", "response_tokens", "finish_reason",
+    "sampler", "model", "seed",
 )  # fmt: skip
 
 
@@ -49,8 +50,8 @@ def _preprocess(row: dict[str, Any], sampler: VLLMSampler) -> dict[str, Any]:
     }
 
 
-def _postprocess(row: dict[str, Any], sampler: VLLMSampler, model_name: str) -> dict[str, Any]:
-    n_out = int(row["num_generated_tokens"])
+def _postprocess(row: dict[str, Any], sampler: VLLMSampler, model_name: str, stop_ids: frozenset[int]) -> dict[str, Any]:
+    response_ids = [int(t) for t in row["generated_tokens"]]
     messages = row["messages"]
     messages = messages.tolist() if hasattr(messages, "tolist") else messages
     return {
@@ -61,15 +62,38 @@ def _postprocess(row: dict[str, Any], sampler: VLLMSampler, model_name: str) -> 
         "solution": row.get("solution"),
         "answer": row.get("answer"),
         "response": row["generated_text"],
+        # The very tokens the policy produced (EOS included when it stopped on one): training
+        # scores these, not a re-tokenisation of the decoded text, which can differ.
+        "prompt_token_ids": [int(t) for t in row["prompt_token_ids"]],
+        "response_token_ids": response_ids,
         "prompt_tokens": int(row["num_input_tokens"]),
-        "response_tokens": n_out,
-        # ray.data.llm does not expose vLLM's finish_reason; a completion that used the whole
-        # budget was cut by the length limit, any other stopped on EOS or a stop string.
-        "finish_reason": "length" if n_out >= sampler.max_tokens else "stop",
+        "response_tokens": len(response_ids),
+        "finish_reason": finish_reason(response_ids, stop_ids, sampler.max_tokens),
         "sampler": sampler.type,
         "model": model_name,
         "seed": sampler.seed,
     }
+
+
+def finish_reason(response_ids: list[int], stop_ids: frozenset[int], max_tokens: int) -> str:
+    """vLLM's finish reason, which `ray.data.llm` does not pass on: "stop" when the policy ended
+    on an end-of-sequence token, "length" when the token budget cut it off."""
+    if response_ids and response_ids[-1] in stop_ids:
+        return "stop"
+    return "length" if len(response_ids) >= max_tokens else "stop"
+
+
+def stop_token_ids(model_path: str) -> frozenset[int]:
+    """The ids vLLM stops on: the tokenizer's EOS and the generation config's `eos_token_id`(s)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ids = {AutoTokenizer.from_pretrained(model_path).eos_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return frozenset(i for i in ids if i is not None)
 
 
 def processor_config(sampler: VLLMSampler, model_path: str):
@@ -111,7 +135,7 @@ def generate(sampler: VLLMSampler, model_path: str, model_name: str, prompts: li
     processor = build_processor(
         processor_config(sampler, model_path),
         preprocess=partial(_preprocess, sampler=sampler),
-        postprocess=partial(_postprocess, sampler=sampler, model_name=model_name),
+        postprocess=partial(_postprocess, sampler=sampler, model_name=model_name, stop_ids=stop_token_ids(model_path)),
         preprocess_map_kwargs=light,
         postprocess_map_kwargs=light,
     )

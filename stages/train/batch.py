@@ -1,8 +1,11 @@
 """Pairs → token ids → padded batches (chosen rows first, then rejected).
 
 The prompt is rendered with the tokenizer's chat template exactly as vLLM rendered it for
-sampling (`add_generation_prompt=True`), and each response is followed by EOS, so the training
-log-probs are of the very tokens the policy produced.
+sampling (`add_generation_prompt=True`). A response is scored as the very tokens the policy
+produced: the sampled ids the pairs carry (EOS included when the policy stopped on it), not a
+re-tokenisation of the decoded text, which can split differently. Text without ids (a dataset
+solution, pairs from elsewhere) is tokenized and gets EOS, unless its `finish_reason` says the
+token budget cut it off: DPO must not push on an EOS the policy never wrote.
 """
 
 from __future__ import annotations
@@ -34,13 +37,21 @@ def _response_text(value: Any) -> str:
     return "".join(t["content"] for t in turns if t["role"] == "assistant")
 
 
+def response_ids(tokenizer, row: dict[str, Any], side: str) -> list[int]:
+    """Token ids of the `side` ("chosen" or "rejected") response of a pair row."""
+    sampled = row.get(f"{side}_token_ids")
+    if sampled is not None:
+        return [int(t) for t in sampled]
+    ids = tokenizer(_response_text(row[side]), add_special_tokens=False)["input_ids"]
+    cut_off = row.get(f"{side}_finish_reason") == "length"
+    return ids if cut_off or tokenizer.eos_token_id is None else ids + [tokenizer.eos_token_id]
+
+
 def tokenize_pair(tokenizer, row: dict[str, Any], max_length: int) -> TokenizedPair:
     """Tokenize one pair; truncate responses (then the prompt, from the left) to `max_length`."""
     text = tokenizer.apply_chat_template(_messages(row["prompt"]), add_generation_prompt=True, tokenize=False)
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    chosen = tokenizer(_response_text(row["chosen"]), add_special_tokens=False)["input_ids"] + eos
-    rejected = tokenizer(_response_text(row["rejected"]), add_special_tokens=False)["input_ids"] + eos
+    chosen, rejected = response_ids(tokenizer, row, "chosen"), response_ids(tokenizer, row, "rejected")
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest > max_length and len(prompt) > max_length // 2:
         # keep the end of the prompt (the question), as much as fits but at least half the budget

@@ -11,7 +11,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import stages.judge
 import stages.pairs
 import stages.sample
 from pipeline.config import RunConfig
@@ -54,22 +53,32 @@ def test_sample_writes_n_candidates_per_prompt_with_all_columns(sampled, cfg, ti
     assert (df.response_tokens >= 1).all() and (df.response_tokens <= 24).all()
     assert (df.prompt_tokens > 10).all()
     assert set(df.finish_reason) <= {"stop", "length"}
-    assert ((df.finish_reason == "length") == (df.response_tokens == 24)).all()
+    assert (df[df.finish_reason == "length"].response_tokens == 24).all()
     assert (df.model == "tiny-llama").all() and (df.sampler == "vllm").all() and (df.seed == 0).all()
     # a random model at temperature 1 does not repeat itself: candidates of a prompt differ
     assert df.groupby("prompt_id").response.nunique().min() > 1
 
 
-def test_judge_scores_every_candidate_with_a_reason(sampled, cfg, tmp_path):
-    stats = stages.judge.run(cfg, {"sample": str(sampled)}, tmp_path)
-    df = pd.read_parquet(tmp_path)
-    assert stats["rows"] == len(df) == N_PROMPTS * N
-    assert df.score.between(1, 5).all()
-    assert sum(stats["score_counts"].values()) == len(df)
-    from stages.judge.verifier import score_math
+def test_sampled_token_ids_are_what_training_scores(sampled, cfg, tiny_llama):
+    """Each candidate keeps the ids vLLM produced. Training renders the prompt with the same chat
+    template (so its prompt ids equal vLLM's) and scores the sampled response ids as they are."""
+    from transformers import AutoTokenizer
 
-    for row in df.head(8).itertuples():  # the stage applies the verifier row by row, unchanged
-        assert score_math(row.response, row.answer, row.solution).score == row.score
+    from stages.train.batch import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    df = pd.read_parquet(sampled)
+    for row in df.itertuples():
+        ids = list(row.response_token_ids)
+        assert len(ids) == row.response_tokens
+        # vLLM keeps the EOS it stopped on in the ids (not in the text); a cut-off one has none
+        assert (ids[-1] == tokenizer.eos_token_id) == (row.finish_reason == "stop")
+        assert tokenizer.decode(ids, skip_special_tokens=True) == row.response
+        pair = {"prompt": list(row.messages), "chosen": row.response, "rejected": row.response,
+                "chosen_token_ids": ids, "rejected_token_ids": ids}  # fmt: skip
+        tokenized = tokenize_pair(tokenizer, pair, max_length=10_000)
+        assert tokenized.prompt == list(row.prompt_token_ids)
+        assert tokenized.chosen == ids
 
 
 def test_pairs_from_hand_scored_candidates(sampled, cfg, tmp_path, ray_local):
@@ -82,6 +91,7 @@ def test_pairs_from_hand_scored_candidates(sampled, cfg, tmp_path, ray_local):
     scores[prompt_ids[2]] = [3, 3, 3, 3]  # uniform: dropped
     scores[prompt_ids[3]] = [5, 4, 4, 4]
     scores[prompt_ids[4]] = [1, 2, 1, 1]
+    scores[prompt_ids[5]] = [1, 1, 1, 1.5]  # a gap below min_margin (1): dropped, but not uniform
     df["score"] = [scores[p][c] for p, c in zip(df.prompt_id, df.candidate_id)]
     judged = tmp_path / "judge"
     judged.mkdir()
@@ -89,7 +99,7 @@ def test_pairs_from_hand_scored_candidates(sampled, cfg, tmp_path, ray_local):
     out = tmp_path / "pairs"
     out.mkdir()
     stats = stages.pairs.run(cfg, {"judge": str(judged)}, out)
-    assert stats["s1"] == {"pairs": 4, "dropped_uniform": 2}
+    assert stats["s1"] == {"pairs": 4, "dropped_uniform": 1, "dropped_margin": 1}
     pairs = pq.read_table(out / "s1" / "pairs.parquet").to_pylist()
     assert [p["prompt_id"] for p in pairs] == [prompt_ids[i] for i in (0, 1, 3, 4)]
     by_id = {p["prompt_id"]: p for p in pairs}
@@ -103,3 +113,7 @@ def test_pairs_from_hand_scored_candidates(sampled, cfg, tmp_path, ray_local):
     assert by_id[prompt_ids[4]]["chosen_candidate_id"] == 1
     assert by_id[prompt_ids[4]]["rejected_candidate_id"] == 0
     assert all(p["scenario"] == 1 and p["chosen_source"] == p["rejected_source"] == "policy" for p in pairs)
+    ids = df.set_index(["prompt_id", "candidate_id"]).response_token_ids
+    assert first["chosen_token_ids"] == list(ids[(prompt_ids[0], 1)])
+    finish = df.set_index(["prompt_id", "candidate_id"]).finish_reason
+    assert first["rejected_finish_reason"] == finish[(prompt_ids[0], 0)]

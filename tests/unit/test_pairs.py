@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import PairsConfig
-from stages.pairs import PAIR_COLUMNS, _pairs_of_group, pick, select_pair
+from stages.pairs import PAIR_COLUMNS, _pairs_of_group, pick, select_pair, drop_counts
 
 
 def _messages(prompt_id: str) -> list[dict[str, str]]:
@@ -160,3 +160,28 @@ def test_pairs_of_group_with_arrow_like_rows():
     uniform = pd.DataFrame(_cands("g2", {0: 2, 1: 2}))
     empty = _pairs_of_group(uniform, PairsConfig())
     assert list(empty.columns) == PAIR_COLUMNS and len(empty) == 0
+
+
+def test_pairs_carry_each_sides_sampled_ids_and_finish_reason():
+    rows = _cands("t", {0: 1, 1: 5, 2: 3})
+    for r in rows:
+        r["response_token_ids"] = np.array([10 + r["candidate_id"], 99])  # as Arrow hands them over
+        r["finish_reason"] = "length" if r["candidate_id"] == 0 else "stop"
+    pair = select_pair(rows, PairsConfig())
+    assert (pair["chosen_token_ids"], pair["rejected_token_ids"]) == ([11, 99], [10, 99])
+    assert (pair["chosen_finish_reason"], pair["rejected_finish_reason"]) == ("stop", "length")
+    # candidates from elsewhere (no ids, no finish reason) give None, not an error
+    plain = select_pair(_cands("x", {0: 1, 1: 5}), PairsConfig())
+    assert plain["chosen_token_ids"] is None and plain["rejected_finish_reason"] is None
+
+
+def test_prompts_dropped_as_uniform_and_by_min_margin_are_counted_apart():
+    scores = pd.DataFrame(
+        [("uniform", s) for s in (3, 3, 3)] + [("narrow", s) for s in (3, 2, 3)]
+        + [("wide", s) for s in (5, 1, 2)] + [("single", 4)],
+        columns=["prompt_id", "score"],
+    )
+    cfg = PairsConfig(min_margin=2)
+    kept = sum(select_pair(_cands(p, dict(enumerate(g.score))), cfg) is not None for p, g in scores.groupby("prompt_id"))
+    assert kept == 1
+    assert drop_counts(scores, kept) == {"dropped_uniform": 2, "dropped_margin": 1}

@@ -69,6 +69,27 @@ def test_responses_end_with_eos(tokenizer):
     assert tokenizer.decode(pair.prompt + pair.chosen) == whole.removesuffix("\n")
 
 
+def test_a_response_cut_off_by_the_token_budget_gets_no_eos(tokenizer):
+    eos = tokenizer.eos_token_id
+    row = {**_row(), "chosen_finish_reason": "stop", "rejected_finish_reason": "length"}
+    pair = tokenize_pair(tokenizer, row, max_length=512)
+    assert pair.chosen == _ids(tokenizer, CHOSEN) + [eos]
+    assert pair.rejected == _ids(tokenizer, REJECTED), "DPO must not push on an EOS the policy never wrote"
+
+
+def test_sampled_token_ids_are_trained_on_as_they_are(tokenizer):
+    """The ids the policy produced win over the text: here a split no tokenizer would produce
+    from the text (one character per token), with and without the EOS the sampler kept."""
+    eos = tokenizer.eos_token_id
+    by_char = [i for ch in CHOSEN for i in _ids(tokenizer, ch)]
+    assert by_char != _ids(tokenizer, CHOSEN)  # the text alone would tokenize differently
+    row = {**_row(), "chosen_token_ids": by_char + [eos], "rejected_token_ids": _ids(tokenizer, "3 + 4"),
+           "rejected_finish_reason": "length"}  # fmt: skip
+    pair = tokenize_pair(tokenizer, row, max_length=512)
+    assert pair.chosen == by_char + [eos]
+    assert pair.rejected == _ids(tokenizer, "3 + 4")  # cut off: no EOS added to sampled ids either
+
+
 def test_plain_string_format(tokenizer):
     row = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"}
     pair = tokenize_pair(tokenizer, row, max_length=512)
