@@ -78,8 +78,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not 0 <= args.round < cfg.rounds:
             raise UserError(f"--round {args.round}: this config has rounds 0..{cfg.rounds - 1}")
         runner.preflight()
-        runner.save_config()
-        print(runner.run_stage(args.name, args.round, force=args.force))
+        out = runner.run_stage(args.name, args.round, force=args.force)
+        runner.save_config()  # after the input checks: a refused stage leaves the run's config as it was
+        print(out)
         return 0
     else:
         from pipeline.report import write_report

@@ -6,7 +6,8 @@
    the row counts are those of the config and no row is duplicated;
 3. the artifacts are checked: layout, manifests, TRL pair columns, metrics, a checkpoint that
    transformers loads, the report;
-4. a third run skips everything.
+4. a third run skips everything;
+5. after an edit of `pairs.*`, `stage train` refuses the stale pairs and names the command to run.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(tmp_path):
     pairs_manifest = json.loads((round0 / "pairs" / "_manifest.json").read_text())
     pairs = pq.read_table(round0 / "pairs" / "s1" / "pairs.parquet").to_pylist()
     assert len(pairs) == pairs_manifest["stats"]["s1"]["pairs"] >= 2
-    assert pairs_manifest["stats"]["s1"]["pairs"] + pairs_manifest["stats"]["s1"]["dropped_uniform"] == 8
+    s1 = pairs_manifest["stats"]["s1"]
+    assert s1["pairs"] + s1["dropped_uniform"] + s1["dropped_margin"] == 8
     assert {"prompt", "chosen", "rejected", "prompt_id", "chosen_score", "rejected_score", "scenario"} <= set(pairs[0])
     from trl.data_utils import is_conversational
 
@@ -126,6 +128,13 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(tmp_path):
     assert again.returncode == 0
     assert again.stderr.count("up to date") == 5
 
+    # 5. an edit of pairs.* makes the pairs stale: training alone refuses them and says what to run
+    stale = _run([sys.executable, "-m", "pipeline", "stage", "train", str(TINY), "pairs.min_margin=2",
+                  "--run-dir", str(run_dir)], timeout=300)  # fmt: skip
+    assert stale.returncode == 2, stale.stderr[-2000:]
+    assert "round-0/pairs, which is out of date with the config (its config (pairs) changed)" in stale.stderr
+    assert f"`python -m pipeline stage pairs {TINY}`" in stale.stderr and "Traceback" not in stale.stderr
+
 
 def test_user_errors_end_with_one_message_and_no_traceback(tmp_path):
     cases = {
@@ -149,5 +158,5 @@ def test_user_errors_end_with_one_message_and_no_traceback(tmp_path):
 def test_a_stage_without_its_inputs_names_the_stage_to_run_first(tmp_path):
     result = _run([sys.executable, "-m", "pipeline", "stage", "train", str(TINY), "--run-dir", str(tmp_path)], timeout=120)
     assert result.returncode == 2
-    assert "round-0/pairs, which is not finished: run `stage pairs` first" in result.stderr
+    assert f"round-0/pairs, which is not finished: run `python -m pipeline stage pairs {TINY}` first" in result.stderr
     assert "Traceback" not in result.stderr
