@@ -49,17 +49,19 @@ def headline_rows(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
 
 
 def headline(run_dir: Path, rounds: int) -> str:
-    """The table printed at the end of a run (markdown)."""
+    """The table printed at the end of a run (markdown). Scores are held out; logps are not."""
     rows = headline_rows(run_dir, rounds)
     if not rows:
         return "(no evaluation yet)"
-    lines = ["| model | 5 points | 4&5 points | mean score | logps/chosen | logps/rejected | answer tokens |",
+    lines = ["| model | 5 points | 4&5 points | mean score | answer tokens | logps/chosen (train pairs) | logps/rejected (train pairs) |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['5_points']:.1%} | {row['4&5_points']:.1%} | {row['mean_score']:.2f} "
-            f"| {row['logps/chosen']:.1f} | {row['logps/rejected']:.1f} | {row['response_tokens']:.0f} |"
+            f"| {row['response_tokens']:.0f} | {row['logps/chosen']:.1f} | {row['logps/rejected']:.1f} |"
         )
+    lines += ["", "Scores and answer tokens: greedy answers to the held-out prompts, judged 1-5. "
+              "logps: mean log-probability of the round's own training pairs (in-sample, not held out)."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -129,8 +131,8 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
              "## Held-out evaluation (greedy, judged 1-5)", "", headline(run_dir, cfg.rounds), ""]  # fmt: skip
     if scores:
         parts += [f"![held-out scores]({scores.name})", ""]
-    parts += ["## Data", "", "| round | prompts | candidates | score counts (1..5) | pairs | dropped (uniform) |",
-              "|---|---:|---:|---|---:|---:|"]  # fmt: skip
+    parts += ["## Data", "", "| round | prompts | candidates | score counts (1..5) | pairs | dropped (uniform) "
+              "| dropped (below min_margin) |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in _rounds(run_dir, cfg.rounds):
         judge = (read_manifest(stage_dir(run_dir, r, "judge")) or {}).get("stats", {})
         pairs = (read_manifest(stage_dir(run_dir, r, "pairs")) or {}).get("stats", {})
@@ -138,7 +140,7 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
         counts = judge.get("score_counts", {})
         parts.append(f"| {r} | {pairs.get('prompts', '-')} | {judge.get('rows', '-')} "
                      f"| {' / '.join(str(counts.get(str(k), counts.get(k, 0))) for k in range(1, 6)) if counts else '-'} "
-                     f"| {s1.get('pairs', '-')} | {s1.get('dropped_uniform', '-')} |")  # fmt: skip
+                     f"| {s1.get('pairs', '-')} | {s1.get('dropped_uniform', '-')} | {s1.get('dropped_margin', '-')} |")  # fmt: skip
     parts += ["", "## Training", ""]
     if curves:
         parts += [f"![training curves]({curves.name})", ""]
