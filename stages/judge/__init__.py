@@ -54,6 +54,14 @@ def judge_dataset(ds: "ray.data.Dataset", judge: JudgeConfig, where: str = "cand
     return ds.map_batches(score_frame, fn_kwargs={"judge": judge}, batch_format="pandas", batch_size=judge.batch_size)
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Before any sampling: the verifier needs a reference answer for every prompt of both splits."""
+    from pipeline.data import load_prompts
+
+    for split in ("train", "eval"):
+        check_answers(pd.DataFrame(load_prompts(cfg.data, split)), f"data ({split} split)")
+
+
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     ds = judge_dataset(ray.data.read_parquet(inputs["sample"]), cfg.judge, where=inputs["sample"])
     ds.write_parquet(str(out))

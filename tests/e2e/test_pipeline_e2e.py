@@ -147,6 +147,10 @@ def test_user_errors_end_with_one_message_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?"}\n{"prompt": "2+2?"}\n')
     cases[f'data={{"type":"file","path":"{bad}"}}'] = "line 1: no field 'prompt'"
+    no_answers = tmp_path / "no_answers.jsonl"
+    no_answers.write_text('{"prompt": "1+1?"}\n{"prompt": "2+2?"}\n')
+    cases[f'data={{"type":"file","path":"{no_answers}"}}'] = "have no reference answer"
+    cases[f'data={{"type":"file","path":"{no_answers}","eval_fraction":0}}'] = "held-out (eval) split is empty"
     for overrides, expected in cases.items():
         result = _run([sys.executable, "-m", "pipeline", "run", str(TINY), *overrides.split(), "--run-dir", str(tmp_path / "r")], timeout=120)
         assert result.returncode == 2, (overrides, result.stderr[-2000:])

@@ -167,6 +167,14 @@ def test_preflight_rejects_an_empty_held_out_split_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_preflight_stops_a_verifier_run_on_prompts_without_answers(tmp_path):
+    cfg = _cfg(tmp_path)
+    no_answers = cfg.model_copy(update={"data": cfg.data.model_copy(update={"fields": cfg.data.fields.model_copy(update={"answer": None})})})
+    with pytest.raises(UserError, match=r"data \(train split\): 1 of 1 rows have no reference answer .*data.fields.answer"):
+        Runner(no_answers, tmp_path / "run").preflight()
+    Runner(cfg, tmp_path / "run").preflight()  # with answers it passes
+
+
 def test_the_report_shows_only_the_configs_rounds(tmp_path):
     from pipeline.report import headline_rows
 
