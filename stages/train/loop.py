@@ -1,7 +1,8 @@
 """The Ray Train worker loop: FSDP2 preference optimisation, read top to bottom.
 
 Every worker runs `train_loop`. The recipe:
-1. load the policy and shard it with FSDP2 (`fully_shard` on each decoder layer, then the root);
+1. load the policy, switch its dropout off (so step 1's forward is the reference's) and shard it
+   with FSDP2 (`fully_shard` on each decoder layer, then the root);
 2. reference pass: before any update the policy *is* the reference, so its log-probs of every
    pair are computed once, under no_grad, in the first epoch's batches, and all-gathered (no
    reference model in memory during training);
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from stages.train.batch import Batch, TokenizedPair, collate, tokenize_pair
 from stages.train.logps import sequence_logps
@@ -30,17 +31,40 @@ from stages.train.objectives import Objective, ObjectiveOutput, objective_for
 
 # ── building blocks (also used by the FSDP equivalence test) ────────────────────────────────
 def load_policy(path: str, dtype: str, device: torch.device):
-    """The policy, FSDP2-sharded. bf16 means mixed precision over fp32 master weights."""
+    """The policy with dropout off, FSDP2-sharded. bf16 means mixed precision over fp32 master weights."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = disable_dropout(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" else MixedPrecisionPolicy()
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in block_names:
             fully_shard(module, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    return model
+
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Zero every dropout probability of `model` in place, and return it; `model.config` untouched.
+
+    The reference log-probs are computed under no_grad in eval mode and the policy's in train
+    mode: with dropout the two differ at step 1, which is then not "policy = reference" (loss
+    ln 2) but noise, and every later step's h carries that noise. TRL's DPOTrainer sets each
+    `nn.Dropout`'s p to 0 (`disable_dropout_in_model`); HF attention often keeps its dropout as a
+    float attribute read only `if self.training` (`LlamaAttention.attention_dropout`, passed to
+    SDPA as dropout_p), so float attributes named *dropout* are zeroed too. The config keeps the
+    user's values, so the saved checkpoint's config.json does as well.
+    """
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
     return model
 
 

@@ -74,6 +74,7 @@ def test_train_stage_runs_dpo_and_saves_a_checkpoint(tiny_llama, ray_local, tmp_
     assert last["loss"] < first["loss"] - 1e-3, lines
     assert last["rewards/margins"] > first["rewards/margins"], lines
 
+
     # The checkpoint is a plain HF folder with updated weights and the same tokenizer.
     ckpt = out / "checkpoint"
     trained, info = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
@@ -99,6 +100,40 @@ def test_train_stage_runs_dpo_and_saves_a_checkpoint(tiny_llama, ray_local, tmp_
     with torch.no_grad():
         logits = trained(input_ids=torch.tensor([tok0(text)["input_ids"]])).logits
     assert torch.isfinite(logits).all()
+
+
+def _with_attention_dropout(tiny_llama: Path, dest: Path, p: float) -> Path:
+    """The tiny Llama (same weights and tokenizer) with `attention_dropout = p` in its config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model.config.attention_dropout = p
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(dest)
+    return dest
+
+
+def test_step_one_is_the_reference_for_a_model_with_dropout(tiny_llama, ray_local, tmp_path):
+    """The reference pass runs under no_grad in eval mode, training in train mode: with the
+    config's attention dropout (0.5) left on, step 1's loss is not ln 2 (it fails without
+    `disable_dropout`). The checkpoint keeps the user's dropout setting."""
+    from transformers import AutoConfig
+
+    from stages.train import run
+
+    policy = _with_attention_dropout(tiny_llama, tmp_path / "llama-dropout", 0.5)
+    pairs = _write_pairs(tmp_path, 4)
+    cfg = RunConfig.model_validate(
+        {"policy": str(policy), "train": {"batch_size": 4, "num_workers": 2, "max_steps": 1, "dtype": "float32"}}
+    )
+    out = tmp_path / "train"
+    out.mkdir()
+    run(cfg, {"policy": str(policy), "pairs": str(pairs)}, out)
+
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert AutoConfig.from_pretrained(out / "checkpoint").attention_dropout == 0.5
 
 
 def test_one_pair_for_two_workers_is_a_user_error(tiny_llama, ray_local, tmp_path):
