@@ -51,6 +51,7 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
         judged.insert(0, "side", name)
         generations.append(judged.drop(columns=["messages"]))
+        # training's precision policy: "before" reproduces train's reference_logps.parquet
         lp = ray.get(logps_task.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs, cfg.train.dtype))
         lp.insert(0, "side", name)
         logps.append(lp)

@@ -1,7 +1,14 @@
 """train: Ray Train workers run FSDP2 preference optimisation on one scenario's pairs.
 
-Writes `checkpoint/` (a plain HF folder) and `metrics.jsonl` (one line per step, TRL's metric
-names) into the stage folder. The worker loop is `stages/train/loop.py`.
+Writes into the stage folder:
+- `checkpoint/`: a plain HF folder (the config as loaded: dropout is switched off for training
+  only, never in the saved config);
+- `metrics.jsonl`: one line per step, TRL's metric names;
+- `reference_logps.parquet`: `prompt_id, ref_chosen_logps, ref_rejected_logps`, one row per pair
+  in the pairs file's order — the reference log-probs every step's reward is measured from,
+  under the precision policy of `stages/train/precision.py`; evaluate's "before" log-probs are
+  checked against them.
+The worker loop is `stages/train/loop.py`.
 """
 
 from __future__ import annotations

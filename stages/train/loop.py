@@ -2,10 +2,11 @@
 
 Every worker runs `train_loop`. The recipe:
 1. load the policy, switch its dropout off (so step 1's forward is the reference's) and shard it
-   with FSDP2 (`fully_shard` on each decoder layer, then the root);
+   with FSDP2 (`fully_shard` on each decoder layer, then the root) under the precision policy of
+   `stages/train/precision.py`;
 2. reference pass: before any update the policy *is* the reference, so its log-probs of every
    pair are computed once, under no_grad, in the first epoch's batches, and all-gathered (no
-   reference model in memory during training);
+   reference model in memory during training); rank 0 writes them to `reference_logps.parquet`;
 3. for each global batch of `batch_size` pairs, worker r takes its contiguous share, computes the
    objective's mean over that share and backpropagates; FSDP averages the gradients over
    workers, so the update equals the single-process update on the whole global batch;
@@ -27,16 +28,18 @@ from torch import Tensor, nn
 from stages.train.batch import Batch, TokenizedPair, collate, tokenize_pair
 from stages.train.logps import sequence_logps
 from stages.train.objectives import Objective, ObjectiveOutput, objective_for
+from stages.train.precision import fsdp_policy
 
 
 # ── building blocks (also used by the FSDP equivalence test) ────────────────────────────────
 def load_policy(path: str, dtype: str, device: torch.device):
-    """The policy with dropout off, FSDP2-sharded. bf16 means mixed precision over fp32 master weights."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """The policy with dropout off, FSDP2-sharded under the run's precision policy
+    (`stages/train/precision.py`: bf16 means bf16 compute over fp32 master weights)."""
+    from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
     model = disable_dropout(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" else MixedPrecisionPolicy()
+    mp = fsdp_policy(dtype)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in block_names:
@@ -108,6 +111,18 @@ def reference_logps(
     for r, part in enumerate(gathered):
         table[:, torch.tensor(_rank_share(padded, r, micro_batch, world), device=local.device)] = part
     return table[0], table[1]
+
+
+def write_reference_logps(path: Path, prompt_ids: list, ref_chosen: Tensor, ref_rejected: Tensor) -> None:
+    """One row per pair, in the pairs file's order: the numbers every step's h is measured from,
+    kept so evaluate's "before" log-probs can be checked against them."""
+    import pandas as pd
+
+    pd.DataFrame({
+        "prompt_id": prompt_ids,
+        "ref_chosen_logps": ref_chosen.double().cpu().numpy(),
+        "ref_rejected_logps": ref_rejected.double().cpu().numpy(),
+    }).to_parquet(path, index=False)  # fmt: skip
 
 
 def _rank_share(indices: list[int], rank: int, share: int, world: int) -> list[int]:
@@ -188,6 +203,8 @@ def train_loop(config: dict[str, Any]) -> None:
     batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
     share = batch_size // world
     ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device, epoch_order(len(pairs), cfg.seed, 0))
+    if rank == 0:
+        write_reference_logps(out / "reference_logps.parquet", [row["prompt_id"] for row in rows], ref_chosen, ref_rejected)
     schedule = batch_schedule(len(pairs), batch_size, cfg.epochs, cfg.seed, cfg.max_steps)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     bar = _progress(len(schedule)) if rank == 0 else None

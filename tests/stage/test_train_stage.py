@@ -42,6 +42,7 @@ def test_train_stage_runs_dpo_and_saves_a_checkpoint(tiny_llama, ray_local, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.train import run
+    from stages.train.loop import epoch_order
 
     pairs = _write_pairs(tmp_path, 8)
     cfg = RunConfig.model_validate(
@@ -74,6 +75,15 @@ def test_train_stage_runs_dpo_and_saves_a_checkpoint(tiny_llama, ray_local, tmp_
     assert last["loss"] < first["loss"] - 1e-3, lines
     assert last["rewards/margins"] > first["rewards/margins"], lines
 
+    # The reference log-probs step 1 was measured from: one row per pair, in the pairs file's order.
+    ref = pd.read_parquet(out / "reference_logps.parquet")
+    assert list(ref.columns) == ["prompt_id", "ref_chosen_logps", "ref_rejected_logps"]
+    assert list(ref["prompt_id"]) == list(_pairs(8)["prompt_id"])
+    assert ref[["ref_chosen_logps", "ref_rejected_logps"]].map(math.isfinite).all().all()
+    assert (ref[["ref_chosen_logps", "ref_rejected_logps"]] < 0).all().all()
+    step_one = epoch_order(8, cfg.train.seed, 0)[:4]  # the pairs of step 1, whose policy logps are the reference's
+    assert ref["ref_chosen_logps"].iloc[step_one].mean() == pytest.approx(first["logps/chosen"], abs=1e-4)
+    assert ref["ref_rejected_logps"].iloc[step_one].mean() == pytest.approx(first["logps/rejected"], abs=1e-4)
 
     # The checkpoint is a plain HF folder with updated weights and the same tokenizer.
     ckpt = out / "checkpoint"
