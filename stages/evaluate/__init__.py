@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import RunConfig
@@ -25,6 +26,7 @@ from pipeline.data import load_prompts
 from stages.evaluate.logps import pair_logps
 from stages.judge import judge_dataset
 from stages.sample import vllm
+from stages.train import reference_batches_for
 
 
 def score_summary(scores: pd.Series) -> dict[str, float]:
@@ -44,6 +46,9 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
 
     # The forward passes get every CPU of a node that is otherwise idle at this point.
     logps_task = pair_logps.options(num_cpus=max(1, min(cfg.evaluate.logp_cpus, int(ray.available_resources().get("CPU", 1)))))
+    # Training's precision policy in the reference pass's batches: "before" is, bit for bit, the
+    # train stage's reference_logps.parquet (in bf16 the batch's padded width changes logps too).
+    ref_batches = reference_batches_for(pq.read_metadata(pairs_file).num_rows, cfg.train)
     generations, logps, summary = [], [], {}
     for name, (path, display) in models.items():
         raw = out / f".raw-{name}"
@@ -51,8 +56,8 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
         judged.insert(0, "side", name)
         generations.append(judged.drop(columns=["messages"]))
-        # training's precision policy: "before" reproduces train's reference_logps.parquet
-        lp = ray.get(logps_task.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs, cfg.train.dtype))
+        lp = ray.get(logps_task.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs,
+                                       cfg.train.dtype, batches=ref_batches))
         lp.insert(0, "side", name)
         logps.append(lp)
         summary[name] = {

@@ -2,9 +2,11 @@
 
 Uses the training code's tokenization and `policy_logps`, on a plain (unsharded) model under the
 training precision policy (`stages/train/precision.for_inference`: parameters in the compute
-dtype as FSDP2 casts them, no autocast; bf16 logits reduced in fp32), so the "before" numbers
-are the reference log-probs training wrote to `reference_logps.parquet` — up to bf16's rounding
-differences between batch shapes.
+dtype as FSDP2 casts them, no autocast; bf16 logits reduced in fp32). Given the reference pass's
+batches (`stages.train.reference_batches_for`) the "before" numbers are, bit for bit, the
+reference log-probs training wrote to `reference_logps.parquet`: in bf16 a pair's log-probs also
+depend on the padded width of the batch it runs in (up to 0.7 nats per response on
+SmolLM2-135M), so the precision policy alone is not enough.
 """
 
 from __future__ import annotations
@@ -15,9 +17,29 @@ import ray
 import torch
 
 
+def plan_batches(batches: list[list[int]] | None, wanted: int, micro_batch: int) -> list[list[int]]:
+    """The batches to run so that pairs 0..wanted-1 each appear: the given ones that hold a pair
+    not yet seen (so a `limit` skips the rest), or file-order micro-batches."""
+    if batches is None:
+        return [list(range(s, min(s + micro_batch, wanted))) for s in range(0, wanted, micro_batch)]
+    seen: set[int] = set()
+    needed = []
+    for batch in batches:
+        if any(i < wanted and i not in seen for i in batch):
+            needed.append(batch)
+            seen.update(batch)
+    missing = sorted(set(range(wanted)) - seen)
+    if missing:
+        raise ValueError(f"the batches never run pair(s) {missing[:5]} of the first {wanted}")
+    return needed
+
+
 @ray.remote(num_cpus=1)
 def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | None, dtype: str = "float32",
-               micro_batch: int = 4) -> pd.DataFrame:
+               micro_batch: int = 4, batches: list[list[int]] | None = None) -> pd.DataFrame:
+    """Logps of the first `limit` pairs (all when None), one row each in file order. `batches`
+    (pair indices) are the forwards to run, a pair's first appearance counting; default:
+    file-order micro-batches of `micro_batch`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.train.batch import collate, tokenize_pair
@@ -27,12 +49,17 @@ def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | N
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = for_inference(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), dtype)
-    rows = pq.read_table(pairs_file).to_pylist()[:limit]
+    rows = pq.read_table(pairs_file).to_pylist()
+    wanted = len(rows) if limit is None else min(limit, len(rows))
     pairs = [tokenize_pair(tokenizer, row, max_length) for row in rows]
-    chosen, rejected = [], []
+    logps: dict[int, tuple[float, float]] = {}
     with torch.no_grad():
-        for start in range(0, len(pairs), micro_batch):
-            c, r = policy_logps(model, collate(pairs[start : start + micro_batch], pad_id))
-            chosen += c.tolist()
-            rejected += r.tolist()
-    return pd.DataFrame({"prompt_id": [r["prompt_id"] for r in rows], "logps_chosen": chosen, "logps_rejected": rejected})
+        for batch in plan_batches(batches, wanted, micro_batch):
+            c, r = policy_logps(model, collate([pairs[i] for i in batch], pad_id))
+            for i, chosen, rejected in zip(batch, c.tolist(), r.tolist()):
+                logps.setdefault(i, (chosen, rejected))
+    return pd.DataFrame({
+        "prompt_id": [rows[i]["prompt_id"] for i in range(wanted)],
+        "logps_chosen": [logps[i][0] for i in range(wanted)],
+        "logps_rejected": [logps[i][1] for i in range(wanted)],
+    })  # fmt: skip

@@ -6,8 +6,8 @@ Writes into the stage folder:
 - `metrics.jsonl`: one line per step, TRL's metric names;
 - `reference_logps.parquet`: `prompt_id, ref_chosen_logps, ref_rejected_logps`, one row per pair
   in the pairs file's order — the reference log-probs every step's reward is measured from,
-  under the precision policy of `stages/train/precision.py`; evaluate's "before" log-probs are
-  checked against them.
+  under the precision policy of `stages/train/precision.py`, in `reference_batches_for`'s
+  batches; evaluate's "before" log-probs are checked against them.
 The worker loop is `stages/train/loop.py`.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline.train")
@@ -37,6 +37,17 @@ def effective_batch_size(num_pairs: int, batch_size: int, num_workers: int) -> i
         )
     log.warning("only %d pairs: global batch %d → %d", num_pairs, batch_size, shrunk)
     return shrunk
+
+
+def reference_batches_for(num_pairs: int, tc: TrainConfig) -> list[list[int]]:
+    """The forward batches (pair indices) in which the train stage computes the reference
+    log-probs of `num_pairs` pairs under `tc`. In bf16 a pair's log-probs depend on the padded
+    width of its batch, so a forward that must reproduce `reference_logps.parquet` (evaluate's
+    "before") runs these batches."""
+    from stages.train.loop import epoch_order, reference_batches
+
+    share = effective_batch_size(num_pairs, tc.batch_size, tc.num_workers) // tc.num_workers
+    return reference_batches(epoch_order(num_pairs, tc.seed, 0), share, tc.num_workers)
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:

@@ -78,38 +78,63 @@ def policy_logps(model, batch: Batch) -> tuple[Tensor, Tensor]:
     return logps[: batch.num_pairs], logps[batch.num_pairs :]
 
 
+def reference_batches(order: list[int], micro_batch: int, world: int) -> list[list[int]]:
+    """The reference pass's forward batches (pair indices) in global order; batch g runs on rank
+    g % world.
+
+    The first epoch's `order` in global batches of `micro_batch × world`, rank r taking the r-th
+    contiguous share: the very batches of the first epoch's steps. The tail is padded with
+    repeats from the start of `order`: each FSDP forward is a collective every rank must join.
+    """
+    chunk = micro_batch * world
+    padded = [order[i % len(order)] for i in range(math.ceil(len(order) / chunk) * chunk)]
+    return [padded[s : s + micro_batch] for s in range(0, len(padded), micro_batch)]
+
+
+def first_appearances(batches: list[list[int]]) -> dict[int, int]:
+    """Pair index → its position in `batches` flattened, at its first appearance.
+
+    In bf16 a pair's log-probs depend on the padded width of the batch it runs in (0.2 nats per
+    response on SmolLM2-135M), so a pair repeated in the padded tail has two references; the
+    first appearance is in the batch step 1 runs, so that one is the reference.
+    """
+    first: dict[int, int] = {}
+    for position, index in enumerate(i for batch in batches for i in batch):
+        first.setdefault(index, position)
+    return first
+
+
 def reference_logps(
     model, pairs: list[TokenizedPair], pad_id: int, micro_batch: int, device, order: list[int] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of every pair under the initial policy, identical on every rank.
 
-    Pairs are visited in `order` (the first epoch's), in global batches of `micro_batch × W`,
-    rank r taking its contiguous share: the very batches of the first epoch's steps. In bf16
-    a different padding width changes the kernels' rounding, so only identical batches make
-    step 1's policy log-probs equal the reference's (loss exactly ln 2). The tail is padded
-    with repeats: each FSDP forward is a collective that every rank must join.
+    Pairs run in `reference_batches` of the first epoch's `order`: in bf16 a different padding
+    width changes the kernels' rounding, so only identical batches make step 1's policy
+    log-probs equal the reference's (loss exactly ln 2).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     order = list(range(len(pairs))) if order is None else list(order)
-    chunk = micro_batch * world
-    padded = [order[i % len(order)] for i in range(math.ceil(len(order) / chunk) * chunk)]
-    mine = _rank_share(padded, rank, micro_batch, world)
+    batches = reference_batches(order, micro_batch, world)
     chosen, rejected = [], []
     with torch.no_grad():
-        for start in range(0, len(mine), micro_batch):
-            batch = collate([pairs[i] for i in mine[start : start + micro_batch]], pad_id).to(device)
-            c, r = policy_logps(model, batch)
+        for indices in batches[rank::world]:
+            c, r = policy_logps(model, collate([pairs[i] for i in indices], pad_id).to(device))
             chosen.append(c.float())
             rejected.append(r.float())
-    local = torch.stack([torch.cat(chosen), torch.cat(rejected)])  # [2, len(mine)]
+    local = torch.stack([torch.cat(chosen), torch.cat(rejected)])  # [2, micro_batch × batches per rank]
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     # A no_grad forward leaves FSDP2's root parameters (embeddings, final norm) unsharded, as
     # plain tensors; an optimiser built now would hold those and never see their gradients.
     model.reshard()
+    k = micro_batch  # batch g is the (g // world)-th of rank g % world
+    flat = torch.cat([gathered[g % world][:, (g // world) * k : (g // world + 1) * k] for g in range(len(batches))], dim=1)
+    first = first_appearances(batches)
+    if len(first) != len(pairs):
+        raise ValueError(f"order covers {len(first)} of {len(pairs)} pairs: it must be a permutation of all of them")
     table = torch.empty(2, len(pairs), dtype=local.dtype, device=local.device)
-    for r, part in enumerate(gathered):
-        table[:, torch.tensor(_rank_share(padded, r, micro_batch, world), device=local.device)] = part
+    table[:, torch.tensor(list(first), device=local.device)] = flat[:, torch.tensor(list(first.values()), device=local.device)]
     return table[0], table[1]
 
 
@@ -123,12 +148,6 @@ def write_reference_logps(path: Path, prompt_ids: list, ref_chosen: Tensor, ref_
         "ref_chosen_logps": ref_chosen.double().cpu().numpy(),
         "ref_rejected_logps": ref_rejected.double().cpu().numpy(),
     }).to_parquet(path, index=False)  # fmt: skip
-
-
-def _rank_share(indices: list[int], rank: int, share: int, world: int) -> list[int]:
-    """Rank r's contiguous `share` of each global batch of `share × world` indices, concatenated."""
-    chunk = share * world
-    return [i for s in range(0, len(indices), chunk) for i in indices[s + rank * share : s + (rank + 1) * share]]
 
 
 def step_loss(model, batch: Batch, ref_chosen: Tensor, ref_rejected: Tensor, objective: Objective) -> tuple[Tensor, ObjectiveOutput]:
