@@ -55,7 +55,8 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         vllm.generate(greedy, path, display, prompts, raw)
         judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
         judged.insert(0, "side", name)
-        generations.append(judged.drop(columns=["messages"]))
+        # the text is what a reader compares; the chat and token ids are in the sample stage
+        generations.append(judged.drop(columns=["messages", "prompt_token_ids", "response_token_ids"]))
         lp = ray.get(logps_task.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs,
                                        cfg.train.dtype, batches=ref_batches))
         lp.insert(0, "side", name)
