@@ -110,6 +110,9 @@ class VLLMSampler(Block):
     cpu_reserved: int = Field(
         0, ge=0, description="CPU only: cores vLLM leaves to other work (its default, 1, halves a 2-core laptop)"
     )
+    engine_log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "error", description="vLLM's own log level in the engine actors; `info` shows engine start-up and throughput"
+    )
 
 
 SamplerConfig = Annotated[Union[VLLMSampler], Field(discriminator="type")]

