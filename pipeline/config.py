@@ -183,7 +183,6 @@ class EvaluateConfig(Block):
     max_tokens: int = Field(256, ge=1)
     num_prompts: int | None = Field(None, ge=1, description="held-out prompts to judge (default: all)")
     logp_pairs: int | None = Field(None, ge=1, description="pairs to measure logps on (default: all)")
-    logp_cpus: int = Field(2, ge=1, description="CPUs (torch threads) for the logp pass, at most what the node has")
 
 
 class RayConfig(Block):

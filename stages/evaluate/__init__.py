@@ -44,12 +44,15 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     models = {"before": (inputs["policy"], inputs["policy_name"]), "after": (str(Path(inputs["train"]) / "checkpoint"), "checkpoint")}
     pairs_file = Path(inputs["pairs"]) / f"s{cfg.train.scenario}" / "pairs.parquet"
 
-    # The forward passes get every CPU of a node that is otherwise idle at this point.
-    logps_task = pair_logps.options(num_cpus=max(1, min(cfg.evaluate.logp_cpus, int(ray.available_resources().get("CPU", 1)))))
-    # Training's precision policy in the reference pass's batches: "before" is, bit for bit, the
-    # train stage's reference_logps.parquet (in bf16 the batch's padded width changes logps too).
+    # Training's precision policy, in the reference pass's batches and on a training worker's
+    # threads: "before" is, bit for bit, the train stage's reference_logps.parquet. The two
+    # models' passes run side by side, one CPU each, before the engines start.
     ref_batches = reference_batches_for(pq.read_metadata(pairs_file).num_rows, cfg.train)
-    generations, logps, summary = [], [], {}
+    logp_refs = {name: pair_logps.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs,
+                                         cfg.train.dtype, batches=ref_batches)
+                 for name, (path, _) in models.items()}  # fmt: skip
+    logps = {name: ray.get(ref) for name, ref in logp_refs.items()}
+    generations, summary = [], {}
     for name, (path, display) in models.items():
         raw = out / f".raw-{name}"
         vllm.generate(greedy, path, display, prompts, raw)
@@ -57,10 +60,8 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         judged.insert(0, "side", name)
         # the text is what a reader compares; the chat and token ids are in the sample stage
         generations.append(judged.drop(columns=["messages", "prompt_token_ids", "response_token_ids"]))
-        lp = ray.get(logps_task.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs,
-                                       cfg.train.dtype, batches=ref_batches))
+        lp = logps[name]
         lp.insert(0, "side", name)
-        logps.append(lp)
         summary[name] = {
             "model": display,
             **score_summary(judged["score"]),
@@ -70,6 +71,6 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
         }
         shutil.rmtree(raw, ignore_errors=True)
     pd.concat(generations, ignore_index=True).to_parquet(out / "generations.parquet", index=False)
-    pd.concat(logps, ignore_index=True).to_parquet(out / "logps.parquet", index=False)
+    pd.concat(logps.values(), ignore_index=True).to_parquet(out / "logps.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"prompts": len(prompts), "rows": len(prompts) * len(models), "summary": summary}

@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from stages.train.precision import TRAIN_WORKER_CPUS
+
 
 def plan_batches(batches: list[list[int]] | None, wanted: int, micro_batch: int) -> list[list[int]]:
     """The batches to run so that pairs 0..wanted-1 each appear: the given ones that hold a pair
@@ -34,7 +36,7 @@ def plan_batches(batches: list[list[int]] | None, wanted: int, micro_batch: int)
     return needed
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=TRAIN_WORKER_CPUS)
 def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | None, dtype: str = "float32",
                micro_batch: int = 4, batches: list[list[int]] | None = None) -> pd.DataFrame:
     """Logps of the first `limit` pairs (all when None), one row each in file order. `batches`
@@ -46,6 +48,7 @@ def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | N
     from stages.train.loop import policy_logps
     from stages.train.precision import for_inference
 
+    torch.set_num_threads(TRAIN_WORKER_CPUS)  # a training worker's threads: the same rounding
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = for_inference(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), dtype)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import UserError
+from stages.train.precision import TRAIN_WORKER_CPUS
 
 log = logging.getLogger("pipeline.train")
 
@@ -69,7 +70,8 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
             "policy": inputs["policy"], "pairs": str(pairs_file), "out": str(out),
             "train": tc.model_dump(mode="json"), "batch_size": batch_size,
         },  # fmt: skip
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": TRAIN_WORKER_CPUS}),
         run_config=TrainRunConfig(name="train", storage_path=str(out.parent.resolve() / ".ray-train")),
     )
     trainer.fit()

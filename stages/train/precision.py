@@ -23,6 +23,13 @@ from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+# A Ray Train worker holds this many CPUs, and Ray starts it with OMP_NUM_THREADS set to it: its
+# forwards run on that many intra-op threads. On CPU the thread count changes how a matmul splits
+# its reductions, and in bf16 the rounding that follows: SmolLM2-135M's log-probs of the default
+# run's pairs moved by up to 1.36 nats on 2 threads against 1. Every forward that must reproduce
+# the training reference (evaluate's "before") runs on this many threads too.
+TRAIN_WORKER_CPUS = 1
+
 
 def compute_dtype(dtype: str) -> torch.dtype:
     """The torch dtype of the forward for a `train.dtype` name."""
