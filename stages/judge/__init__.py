@@ -32,8 +32,8 @@ def check_answers(frame: pd.DataFrame, where: str) -> None:
 
 
 def score_frame(batch: pd.DataFrame, judge: JudgeConfig) -> pd.DataFrame:
-    """Add `score`, `score_reason`, `extracted_answer`, `judge` to a batch of candidates."""
-    check_answers(batch, "judge batch")
+    """Add `score`, `score_reason`, `extracted_answer`, `judge` to a batch of candidates (whose
+    answers `judge_dataset` has checked once for the whole dataset)."""
     verdicts = [
         score_math(response, answer, solution, truncated=finish_reason == "length")
         for response, answer, solution, finish_reason in zip(
