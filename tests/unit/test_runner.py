@@ -7,7 +7,6 @@ key the runner expects, so these tests need no Ray and no model.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -173,17 +172,3 @@ def test_preflight_stops_a_verifier_run_on_prompts_without_answers(tmp_path):
     with pytest.raises(UserError, match=r"data \(train split\): 1 of 1 rows have no reference answer .*data.fields.answer"):
         Runner(no_answers, tmp_path / "run").preflight()
     Runner(cfg, tmp_path / "run").preflight()  # with answers it passes
-
-
-def test_the_report_shows_only_the_configs_rounds(tmp_path):
-    from pipeline.report import headline_rows
-
-    run_dir = tmp_path / "run"
-    for r in (0, 1):
-        folder = run_dir / f"round-{r}" / "evaluate"
-        folder.mkdir(parents=True)
-        side = {"model": "m", "5_points": 0.1 * r, "4&5_points": 0.2, "mean_score": 2.0, "response_tokens": 9.0,
-                "logps/chosen": -1.0, "logps/rejected": -2.0}  # fmt: skip
-        (folder / "summary.json").write_text(json.dumps({"before": side, "after": side}))
-    assert [row["round"] for row in headline_rows(run_dir, rounds=2)] == [0, 0, 1]
-    assert [row["round"] for row in headline_rows(run_dir, rounds=1)] == [0, 0]
