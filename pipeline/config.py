@@ -24,6 +24,14 @@ class Block(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def Operational(default: Any = ..., **kwargs: Any) -> Any:
+    """A field that changes how fast or how robustly a stage works, not what it writes (request
+    concurrency, timeouts, cache location, batch size of a judge). It is left out of the stage
+    keys (`RunConfig.hash_of`), so raising `judge.concurrency` does not re-run judge, train and
+    evaluate."""
+    return Field(default, json_schema_extra={"operational": True}, **kwargs)
+
+
 def InputPath(default: Any = ..., **kwargs: Any) -> Any:
     """A field naming a file or folder the run reads (prompts, a rubric, a model folder). Its
     *content* fingerprint joins the keys of the stages that read it (`RunConfig.input_paths`),
@@ -110,7 +118,7 @@ class VLLMSampler(Block):
     cpu_reserved: int = Field(
         0, ge=0, description="CPU only: cores vLLM leaves to other work (its default, 1, halves a 2-core laptop)"
     )
-    engine_log_level: Literal["debug", "info", "warning", "error"] = Field(
+    engine_log_level: Literal["debug", "info", "warning", "error"] = Operational(
         "error", description="vLLM's own log level in the engine actors; `info` shows engine start-up and throughput"
     )
 
@@ -120,13 +128,73 @@ SamplerConfig = Annotated[Union[VLLMSampler], Field(discriminator="type")]
 
 # ── judge ────────────────────────────────────────────────────────────────────────────────────
 class VerifierJudge(Block):
-    """Scores math answers 1-5 by checking the final answer with math-verify (`stages/judge`)."""
+    """Scores math answers 1-5 by checking the final answer with math-verify (`stages/judge/verifier.py`)."""
 
     type: Literal["verifier"] = "verifier"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Operational(64, ge=1)
 
 
-JudgeConfig = Annotated[Union[VerifierJudge], Field(discriminator="type")]
+class JudgePrices(Block):
+    """USD per million tokens, for the cost estimate in the manifest and report (your provider's price list)."""
+
+    prompt_per_million: float = Field(ge=0.0)
+    completion_per_million: float = Field(ge=0.0)
+
+
+class OpenAIJudge(Block):
+    """A GPT-4-class model scoring each candidate 1-5 with a rubric, through the official `openai`
+    client against any OpenAI-compatible server (OpenAI, Azure, vLLM, SGLang, a proxy).
+    `stages/judge/openai.py`; the rubric's placeholders are documented in `stages/judge/rubric.py`."""
+
+    type: Literal["openai"] = "openai"
+    model: str = Field(description="the judge model as the server names it, e.g. gpt-4o")
+    base_url: str | None = Field(None, description="e.g. http://localhost:8000/v1; None: the client's default (OPENAI_BASE_URL or api.openai.com)")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="the NAME of the environment variable holding the key (never the key); None: no key (a local server)"
+    )
+    temperature: float = Field(0.0, ge=0.0)
+    max_tokens: int = Field(512, ge=1, description="the judge's reasoning plus its score")
+    rubric: str = InputPath("configs/rubrics/math_1to5.txt")
+    response_format: Literal["json_schema", "text"] = Field(
+        "json_schema", description='json_schema: the server constrains the reply to {"reasoning": str, "score": 1..5}; text: "Score: N" is parsed'
+    )
+    concurrency: int = Operational(64, ge=1, description="requests in flight at once, over all workers")
+    workers: int = Operational(1, ge=1, description="Ray Data actors sending requests (each with concurrency/workers in flight)")
+    max_requests_per_minute: float | None = Operational(None, gt=0.0, description="client-side rate limit over all workers")
+    timeout: float = Operational(60.0, gt=0.0, description="seconds per request before it is abandoned and retried")
+    max_retries: int = Operational(5, ge=0, description="retries after the first try (429, 5xx, timeouts, dropped connections, unparseable replies)")
+    backoff_base: float = Operational(1.0, gt=0.0, description="seconds; retry k waits uniform(0, min(backoff_max, backoff_base * 2**k)) unless the server sends Retry-After")
+    backoff_max: float = Operational(60.0, gt=0.0)
+    cache_dir: str | None = Operational(None, description="the judge cache (SQLite); None: $XDG_CACHE_HOME/prefopt/judge or ~/.cache/prefopt/judge")
+    prices: JudgePrices | None = Operational(None, description="None: tokens are counted, cost is not estimated")
+
+
+class RewardModelJudge(Block):
+    """An HF sequence-classification reward model scoring (prompt, response) in batches on a Ray
+    Data actor pool (`stages/judge/reward_model.py`); the raw reward is kept beside the 1-5 score."""
+
+    type: Literal["reward_model"] = "reward_model"
+    model: str = InputPath(description="an HF folder (or a hub id where the cluster has network)")
+    thresholds: list[float] | None = Field(
+        None, min_length=4, max_length=4,
+        description="4 ascending rewards: reward < t[0] → 1, ..., ≥ t[3] → 5; None: score by rank among the prompt's "
+        "candidates (best 5, worst 1, the rest spread evenly), which cannot score evaluate's one answer per prompt",
+    )
+    batch_size: int = Operational(16, ge=1)
+    max_length: int = Field(1024, ge=8, description="prompt+response tokens; longer ones are cut from the left")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    workers: int = Operational(1, ge=1)
+    use_gpu: bool = Operational(False)
+
+    @model_validator(mode="after")
+    def _ascending(self) -> "RewardModelJudge":
+        t = self.thresholds
+        if t is not None and any(b <= a for a, b in zip(t, t[1:])):
+            raise ValueError(f"thresholds must be 4 strictly ascending rewards, got {t}")
+        return self
+
+
+JudgeConfig = Annotated[Union[VerifierJudge, OpenAIJudge, RewardModelJudge], Field(discriminator="type")]
 
 
 # ── pairs ────────────────────────────────────────────────────────────────────────────────────
@@ -240,12 +308,20 @@ class RunConfig(Block):
 
     def hash_of(self, *blocks: str) -> str:
         """A short stable hash of some top-level blocks: the part of the config a stage depends on."""
-        payload = {b: _dump(getattr(self, b)) for b in blocks}
+        payload = {b: _dump_outcome(getattr(self, b)) for b in blocks}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _dump(value: Any) -> Any:
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+def _dump_outcome(value: Any) -> Any:
+    """A block as JSON without its `Operational` fields (at any depth)."""
+    if not isinstance(value, BaseModel):
+        return value
+    return {
+        name: _dump_outcome(getattr(value, name)) if isinstance(getattr(value, name), BaseModel)
+        else value.model_dump(mode="json", include={name})[name]
+        for name, field in type(value).model_fields.items()
+        if not (field.json_schema_extra or {}).get("operational")
+    }
 
 
 # ── loading ──────────────────────────────────────────────────────────────────────────────────
@@ -274,16 +350,31 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def _default_type(raw: dict, path: tuple[str, ...]) -> None:
-    """Fill in the default plug-in's `type` of the block at `path` when the user gave keys only."""
+    """Fill in the default plug-in's `type` of the block at `path` when the user gave keys only
+    (`judge: {scoring: {thresholds: [...]}}` under a reward-model judge: the member the parent's
+    own `type` names decides the default)."""
     node: Any = raw
+    model: Any = RunConfig
     for part in path[:-1]:
         node = node.get(part) if isinstance(node, dict) else None
+        model = _member(model.model_fields[part], node)
+        if model is None:
+            return
     leaf = node.get(path[-1]) if isinstance(node, dict) else None
-    if isinstance(leaf, dict) and "type" not in leaf:
-        default: Any = RunConfig
-        for part in path:
-            default = (default if isinstance(default, type) else type(default)).model_fields[part].default
-        leaf["type"] = default.type
+    field = model.model_fields.get(path[-1])
+    if isinstance(leaf, dict) and "type" not in leaf and field is not None and isinstance(field.default, BaseModel):
+        leaf["type"] = field.default.type
+
+
+def _member(field: Any, raw: Any) -> Any:
+    """The model class a raw block validates as: the union member its `type` names, or the default's."""
+    tag = raw.get("type") if isinstance(raw, dict) else None
+    if tag is None:
+        return type(field.default) if isinstance(field.default, BaseModel) else None
+    for m in _flatten(getattr(field.annotation, "__args__", ())):
+        if isinstance(m, type) and issubclass(m, BaseModel) and m.model_fields.get("type") and m.model_fields["type"].default == tag:
+            return m
+    return None
 
 
 def _apply_override(raw: dict, item: str) -> None:
