@@ -128,7 +128,7 @@ SamplerConfig = Annotated[Union[VLLMSampler], Field(discriminator="type")]
 
 # ── judge ────────────────────────────────────────────────────────────────────────────────────
 class VerifierJudge(Block):
-    """Scores math answers 1-5 by checking the final answer with math-verify (`stages/judge/verifier.py`)."""
+    """Scores math answers 1-5 by checking the final answer with math-verify (`stages/judge/math_rules.py`)."""
 
     type: Literal["verifier"] = "verifier"
     batch_size: int = Operational(64, ge=1)

@@ -2,7 +2,8 @@
 
 Protocol (3D-properties §5.2): chosen = the best-scored candidate, rejected = the worst; prompts
 whose candidates all score alike carry no preference signal and are dropped, as are prompts
-whose best-worst gap is below `min_margin` (the manifest counts the two apart). Ties inside the
+whose best-worst gap is below `min_margin`, and candidates the judge left unscored (`score`
+null) take no part (the manifest counts each reason apart). Ties inside the
 best or the worst group are broken deterministically: `tie_break: first` takes the lowest
 `candidate_id`; `random` draws with a generator seeded by (`pairs.seed`, `prompt_id`), so a
 rerun picks the same pair whatever the row order.
@@ -79,16 +80,21 @@ def _token_ids(candidate: dict[str, Any]) -> list[int] | None:
 
 
 def drop_counts(scores: pd.DataFrame, num_pairs: int) -> dict[str, int]:
-    """Why prompts gave no pair, from their (prompt_id, score) rows: every candidate scored alike
-    ("uniform": the prompt is too easy or too hard for the policy), or the best-worst gap was
-    below `pairs.min_margin` ("margin": a choice of the config). Counted apart."""
-    distinct = scores.groupby("prompt_id")["score"].nunique()
-    uniform = int((distinct == 1).sum())
-    return {"dropped_uniform": uniform, "dropped_margin": len(distinct) - uniform - num_pairs}
+    """Why prompts gave no pair, from their (prompt_id, score) rows: every scored candidate scored
+    alike ("uniform": the prompt is too easy or too hard for the policy), the best-worst gap was
+    below `pairs.min_margin` ("margin": a choice of the config), or fewer than two candidates got
+    a score at all ("unscored": the judge failed on them). Counted apart."""
+    per_prompt = scores.assign(unscored=scores["score"].isna()).groupby("prompt_id").agg(
+        scored=("score", "count"), distinct=("score", "nunique"), unscored=("unscored", "sum"))
+    unscored = (per_prompt["scored"] < 2) & (per_prompt["unscored"] > 0)
+    uniform = ~unscored & (per_prompt["distinct"] <= 1)
+    return {"dropped_uniform": int(uniform.sum()), "dropped_unscored": int(unscored.sum()),
+            "dropped_margin": int((~unscored & ~uniform).sum()) - num_pairs}  # fmt: skip
 
 
 def _pairs_of_group(group: pd.DataFrame, cfg: PairsConfig) -> pd.DataFrame:
-    pair = select_pair(group.to_dict("records"), cfg)
+    scored = group[group["score"].notna()]  # a candidate the judge could not score takes no part
+    pair = select_pair(scored.to_dict("records"), cfg) if len(scored) >= 2 else None
     return pd.DataFrame([pair] if pair else [], columns=PAIR_COLUMNS)
 
 

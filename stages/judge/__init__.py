@@ -1,69 +1,49 @@
-"""judge: every candidate gets a 1-5 score and a reason, by judge `type:` (today: verifier).
+"""judge: every candidate gets a 1-5 score, or none with the reason why, by judge `type:`.
 
-Scoring runs as a Ray Data `map_batches` over the candidate Parquet, so it spreads over a
-cluster the same way sampling does; the scored rows keep every candidate column. The verifier
-needs the reference `answer` of every row (checked before any scoring), and tells it which
-responses the sampler cut at `max_tokens` (`finish_reason == "length"`).
+Each plug-in is a module `stages/judge/<type>.py` with two functions:
+
+- `judge(ds, judge_cfg, where) -> Dataset`: lazily adds `score` (1-5, or null for a row it could
+  not score: kept, never dropped, never guessed), `score_reason` and `judge` (the type) to every
+  row, keeping every candidate column, plus its own columns (`extracted_answer`,
+  `judge_reasoning`, `reward`, ...). Work runs inside Ray Data, so it spreads over a cluster.
+- `preflight(judge_cfg, data_cfg)`: cheap checks before any sampling (answers present, rubric
+  placeholders, the API key's variable set).
+
+`evaluate` judges its greedy answers through the same `judge_dataset`.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
 
-import pandas as pd
 import ray
 
 from pipeline.config import JudgeConfig, RunConfig
-from pipeline.errors import UserError
-from stages.judge.verifier import score_math
+from stages.judge.stats import judge_stats
+
+PLUGINS = {"verifier": "stages.judge.verifier", "openai": "stages.judge.openai", "reward_model": "stages.judge.reward_model"}
 
 
-def check_answers(frame: pd.DataFrame, where: str) -> None:
-    """Raise a UserError naming the rows of `frame` (prompt_id, answer) that have no reference answer."""
-    missing = frame["answer"].isna() | (frame["answer"].astype(str).str.strip() == "")
-    if missing.any():
-        ids = list(dict.fromkeys(frame.loc[missing, "prompt_id"].astype(str)))
-        shown = ", ".join(ids[:3]) + (f", ... ({len(ids)} prompts)" if len(ids) > 3 else "")
-        raise UserError(
-            f"{where}: {int(missing.sum())} of {len(frame)} rows have no reference answer (prompt_id {shown}); "
-            "the verifier judge needs a reference answer for every prompt: map it with data.fields.answer, "
-            "or use a judge that needs none"
-        )
-
-
-def score_frame(batch: pd.DataFrame, judge: JudgeConfig) -> pd.DataFrame:
-    """Add `score`, `score_reason`, `extracted_answer`, `judge` to a batch of candidates (whose
-    answers `judge_dataset` has checked once for the whole dataset)."""
-    verdicts = [
-        score_math(response, answer, solution, truncated=finish_reason == "length")
-        for response, answer, solution, finish_reason in zip(
-            batch["response"], batch["answer"], batch["solution"], batch["finish_reason"]
-        )
-    ]
-    return batch.assign(
-        score=[v.score for v in verdicts],
-        score_reason=[v.reason for v in verdicts],
-        extracted_answer=[v.extracted for v in verdicts],
-        judge=judge.type,
-    )
+def plugin(judge: JudgeConfig) -> ModuleType:
+    return importlib.import_module(PLUGINS[judge.type])
 
 
 def judge_dataset(ds: "ray.data.Dataset", judge: JudgeConfig, where: str = "candidates") -> "ray.data.Dataset":
-    """Check every row has an answer (reads two columns now), then score lazily."""
-    check_answers(ds.select_columns(["prompt_id", "answer"]).to_pandas(), where)
-    return ds.map_batches(score_frame, fn_kwargs={"judge": judge}, batch_format="pandas", batch_size=judge.batch_size)
+    """Score `ds` (candidate rows) with `judge`; `where` names the data in error messages."""
+    return plugin(judge).judge(ds, judge, where)
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Before any sampling: the verifier needs a reference answer for every prompt of both splits."""
-    from pipeline.data import load_prompts
-
-    for split in ("train", "eval"):
-        check_answers(pd.DataFrame(load_prompts(cfg.data, split)), f"data ({split} split)")
+    plugin(cfg.judge).preflight(cfg.judge, cfg.data)
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
-    ds = judge_dataset(ray.data.read_parquet(inputs["sample"]), cfg.judge, where=inputs["sample"])
-    ds.write_parquet(str(out))
-    scores = ray.data.read_parquet(str(out)).select_columns(["score"]).to_pandas()["score"]
-    return {"rows": len(scores), "score_counts": {int(k): int(v) for k, v in scores.value_counts().sort_index().items()}}
+    judge_dataset(ray.data.read_parquet(inputs["sample"]), cfg.judge, where=inputs["sample"]).write_parquet(str(out))
+    frame = ray.data.read_parquet(str(out)).drop_columns(_BULKY).to_pandas()
+    return judge_stats(frame, getattr(cfg.judge, "prices", None))
+
+
+# Columns the counts do not need (the chat and token ids are most of a candidate table's bytes).
+_BULKY = ["messages", "prompt_token_ids", "response_token_ids"]

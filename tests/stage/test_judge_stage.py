@@ -93,7 +93,8 @@ def test_judge_gives_each_known_candidate_its_score(cfg, ray_local, tmp_path):
     for got, want in zip(df.itertuples(), expected.itertuples()):
         assert (got.prompt_id, got.candidate_id, got.score, got.extracted_answer) == (
             want.prompt_id, want.candidate_id, want.score, want.extracted_answer), got.response
-    assert stats == {"rows": 13, "score_counts": {1: 3, 2: 2, 3: 2, 4: 3, 5: 3}}
+    assert stats == {"rows": 13, "scored": 13, "unscored": 0, "score_counts": {1: 3, 2: 2, 3: 2, 4: 3, 5: 3},
+                     "unscored_reasons": {}}
     # every candidate column is kept, unchanged, next to the judge's own
     assert set(df.columns) == set(CANDIDATE_COLUMNS) | {"score", "score_reason", "extracted_answer", "judge"}
     lists = ["messages", "prompt_token_ids", "response_token_ids"]

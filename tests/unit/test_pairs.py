@@ -178,10 +178,11 @@ def test_pairs_carry_each_sides_sampled_ids_and_finish_reason():
 def test_prompts_dropped_as_uniform_and_by_min_margin_are_counted_apart():
     scores = pd.DataFrame(
         [("uniform", s) for s in (3, 3, 3)] + [("narrow", s) for s in (3, 2, 3)]
-        + [("wide", s) for s in (5, 1, 2)] + [("single", 4)],
+        + [("wide", s) for s in (5, 1, 2)] + [("single", 4)]
+        + [("one-left", s) for s in (5, None, None)] + [("two-left", s) for s in (5, None, 1)],
         columns=["prompt_id", "score"],
     )
     cfg = PairsConfig(min_margin=2)
-    kept = sum(select_pair(_cands(p, dict(enumerate(g.score))), cfg) is not None for p, g in scores.groupby("prompt_id"))
-    assert kept == 1
-    assert drop_counts(scores, kept) == {"dropped_uniform": 2, "dropped_margin": 1}
+    kept = sum(len(_pairs_of_group(pd.DataFrame(_cands(p, dict(enumerate(g.score)))), cfg)) for p, g in scores.groupby("prompt_id"))
+    assert kept == 2  # "wide" and "two-left": an unscored candidate takes no part, the two scored ones pair
+    assert drop_counts(scores, kept) == {"dropped_uniform": 2, "dropped_unscored": 1, "dropped_margin": 1}

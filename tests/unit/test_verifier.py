@@ -1,4 +1,4 @@
-"""Unit tests for stages.judge.verifier (rule-based 1-5 math judge)."""
+"""Unit tests for stages.judge.math_rules (rule-based 1-5 math judge)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from stages.judge.verifier import (
+from stages.judge.math_rules import (
     Verdict,
     answers_match,
     extract_final_answer,
