@@ -165,7 +165,7 @@ class OpenAIJudge(Block):
     max_retries: int = Operational(5, ge=0, description="retries after the first try (429, 5xx, timeouts, dropped connections, unparseable replies)")
     backoff_base: float = Operational(1.0, gt=0.0, description="seconds; retry k waits uniform(0, min(backoff_max, backoff_base * 2**k)) unless the server sends Retry-After")
     backoff_max: float = Operational(60.0, gt=0.0)
-    cache_dir: str | None = Operational(None, description="the judge cache (SQLite); None: $XDG_CACHE_HOME/prefopt/judge or ~/.cache/prefopt/judge")
+    cache_dir: str | None = Operational(None, description="the judge cache (SQLite); None: <cache root>/judge, the cache root being $PIPELINE_CACHE, $XDG_CACHE_HOME/onpolicy-po or ~/.cache/onpolicy-po")
     prices: JudgePrices | None = Operational(None, description="None: tokens are counted, cost is not estimated")
 
 

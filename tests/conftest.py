@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# The API key of judge tests against our local OpenAI-protocol servers. Set before any test starts
+# Ray: workers inherit the environment of the cluster's start, as on a real cluster.
+JUDGE_KEY_ENV = "PIPELINE_TEST_JUDGE_KEY"
+os.environ.setdefault(JUDGE_KEY_ENV, "sk-test-0a1b2c3d4e5f")
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -23,6 +23,7 @@ import ray
 
 from pipeline.config import RunConfig
 from pipeline.data import load_prompts
+from pipeline.errors import UserError
 from stages.evaluate.logps import pair_logps
 from stages.judge import judge_dataset
 from stages.sample import vllm
@@ -30,12 +31,26 @@ from stages.train import reference_batches_for
 
 
 def score_summary(scores: pd.Series) -> dict[str, float]:
-    """The paper's headline shares from judge scores (1-5)."""
+    """The paper's headline shares from judge scores (1-5), over the answers the judge scored;
+    answers it could not score (null) are counted apart, not read as failures."""
+    scored = scores.dropna()
     return {
-        "5_points": float((scores == 5).mean()),
-        "4&5_points": float((scores >= 4).mean()),
-        "mean_score": float(scores.mean()),
+        "5_points": float((scored == 5).mean()),
+        "4&5_points": float((scored >= 4).mean()),
+        "mean_score": float(scored.mean()),
+        "unscored": int(scores.isna().sum()),
     }
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Evaluation scores one greedy answer per prompt: a reward-model judge scoring by rank among a
+    prompt's candidates has nothing to rank there."""
+    if cfg.judge.type == "reward_model" and cfg.judge.thresholds is None:
+        raise UserError(
+            "judge.thresholds: the reward-model judge scores by rank among a prompt's candidates when no "
+            "thresholds are given, but evaluate judges one answer per prompt; give 4 ascending reward "
+            "thresholds (judge.thresholds=[t1,t2,t3,t4]; `compare-judges` against a trusted judge helps pick them)"
+        )
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
