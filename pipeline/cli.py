@@ -1,4 +1,5 @@
-"""`python -m pipeline run|stage|report`: the whole pipeline, one stage, or just the report.
+"""`python -m pipeline run|stage|report|compare-judges`: the whole pipeline, one stage, the report,
+or two judges side by side on the same candidates.
 
 A `UserError` (bad config, missing file, malformed row) ends the command with one message and
 exit status 2, no traceback; anything else is a bug and keeps its traceback.
@@ -21,6 +22,7 @@ examples:
   python -m pipeline run configs/tiny.yaml train.lr=1e-5 sampler.n=4 --run-dir runs/try
   python -m pipeline stage judge configs/default.yaml          # one stage, on existing inputs
   python -m pipeline report configs/default.yaml
+  python -m pipeline compare-judges configs/default.yaml --judge verifier.yaml --judge gpt4o.yaml --limit 20
 
 Finished stages are skipped when their config and inputs are unchanged, so rerunning a killed
 run resumes it. The run directory holds round-K/<stage>/ folders and report/report.md.
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,stage,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,stage,report,compare-judges}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML run config, e.g. configs/default.yaml")
@@ -52,11 +54,49 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--force", action="store_true", help="run even if the stage is up to date")
     report = sub.add_parser("report", help="(re)write report/report.md from the finished stages")
     common(report)
+    compare = sub.add_parser(
+        "compare-judges", help="score one round's candidates with two judges and measure their agreement (κ)",
+        description="Score the same candidates (a finished round-K/sample folder) with two judges and write\n"
+        "RUN_DIR/compare-judges/<A>-vs-<B>/ (scores.parquet, agreement.json, confusion.png):\n"
+        "can the verifier, or a cheaper model, stand in for GPT-4 on this data?",
+        epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    common(compare)
+    compare.add_argument("--judge", action="append", type=Path, default=[], metavar="FILE", required=True,
+                         help="a YAML file with one judge block (type: verifier | openai | reward_model, ...) or a "
+                         "run config with a judge: block; give exactly two, A then B (named by their file stems)")  # fmt: skip
+    compare.add_argument("--round", type=int, default=0, help="whose candidates (default 0)")
+    compare.add_argument("--limit", type=_positive, default=None, metavar="N",
+                         help="only the first N prompts' candidates (all of them per prompt), to keep API cost down")
+    compare.set_defaults(subparser=compare)
     return parser
+
+
+COMPARE_EPILOG = """\
+example:
+  python -m pipeline stage sample configs/default.yaml          # the candidates, if not there yet
+  printf 'type: verifier\\n' > verifier.yaml
+  printf 'type: openai\\nmodel: gpt-4o\\n' > gpt4o.yaml
+  python -m pipeline compare-judges configs/default.yaml --judge verifier.yaml --judge gpt4o.yaml --limit 20
+
+Prints the confusion matrix (rows: the first judge's score), exact agreement, Cohen's κ and the
+quadratic-weighted κ. `python -m pipeline report` adds every comparison to report/report.md.
+"""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "compare-judges" and len(args.judge) != 2:
+        args.subparser.error(f"give exactly two --judge files (A and B), got {len(args.judge)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return _dispatch(args)
@@ -71,6 +111,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.name
+    if args.command == "compare-judges":
+        from pipeline.compare import compare_judges, format_comparison
+
+        comparison = compare_judges(cfg, run_dir, args.judge, round_=args.round, limit=args.limit, config_path=args.config)
+        print(format_comparison(comparison, config_path=args.config))
+        return 0
     runner = Runner(cfg, run_dir, config_path=args.config)
     if args.command == "run":
         report = runner.run_all()
