@@ -184,8 +184,10 @@ class FakeOpenAI:
     # ---- handlers ----------------------------------------------------------------------------
 
     def _echo(self, request: web.Request) -> str:
-        """The request headers verbatim, as a hostile proxy would put them in an error body."""
-        return " Request headers: " + "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+        """The request headers verbatim, as a hostile proxy would put them in an error body
+        (Authorization first, where a client that shortens error text still shows it)."""
+        headers = sorted(request.headers.items(), key=lambda kv: kv[0].lower() != "authorization")
+        return " Request headers: " + "; ".join(f"{k}: {v}" for k, v in headers)
 
     async def _models(self, request: web.Request) -> web.Response:
         if (denied := self._check_key(request)) is not None:
