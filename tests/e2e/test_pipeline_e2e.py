@@ -7,7 +7,10 @@
 3. the artifacts are checked: layout, manifests, TRL pair columns, metrics, a checkpoint that
    transformers loads, the report;
 4. a third run skips everything;
-5. after an edit of `pairs.*`, `stage train` refuses the stale pairs and names the command to run.
+5. after an edit of `pairs.*`, `stage train` refuses the stale pairs and names the command to run;
+6. `compare-judges` scores the run's real candidates with the verifier and with the rubric judge
+   on vLLM's own OpenAI-compatible server (the embedded model as the judge), and the report shows
+   their agreement.
 """
 
 from __future__ import annotations
@@ -53,8 +56,13 @@ def _kill_when(cmd: list[str], ready, timeout: float = 600) -> None:
     time.sleep(2)
 
 
-def test_killed_run_resumes_and_produces_a_loadable_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """The tiny run's folder, shared by the tests below (the first one makes it)."""
+    return tmp_path_factory.mktemp("e2e") / "run"
+
+
+def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     round0 = run_dir / "round-0"
     # 1. kill it while train runs
     _kill_when(_cli(run_dir), lambda: any(round0.glob(".train.tmp-*")))
@@ -83,7 +91,7 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(tmp_path):
     pairs = pq.read_table(round0 / "pairs" / "s1" / "pairs.parquet").to_pylist()
     assert len(pairs) == pairs_manifest["stats"]["s1"]["pairs"] >= 2
     s1 = pairs_manifest["stats"]["s1"]
-    assert s1["pairs"] + s1["dropped_uniform"] + s1["dropped_margin"] == 8
+    assert s1["pairs"] + s1["dropped_uniform"] + s1["dropped_margin"] + s1["dropped_unscored"] == 8
     assert {"prompt", "chosen", "rejected", "prompt_id", "chosen_score", "rejected_score", "scenario"} <= set(pairs[0])
     from trl.data_utils import is_conversational
 
@@ -141,6 +149,68 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(tmp_path):
     assert stale.returncode == 2, stale.stderr[-2000:]
     assert "round-0/pairs, which is out of date with the config (its config (pairs) changed)" in stale.stderr
     assert f"`python -m pipeline stage pairs {TINY}`" in stale.stderr and "Traceback" not in stale.stderr
+
+
+@pytest.fixture(scope="module")
+def vllm_judge_server():
+    """vLLM's OpenAI-compatible server on the embedded model (ENVIRONMENT.md: `python -m
+    vllm.entrypoints.openai.api_server`, not the `vllm` script), as a judge endpoint."""
+    import socket
+    import urllib.request
+
+    from pipeline.models import resolve_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("embedded:smollm2-135m-instruct"),
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2-judge", "--gpu-memory-utilization", "0.3",
+           "--enforce-eager", "--max-model-len", "2048"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=os.environ | {"VLLM_LOGGING_LEVEL": "WARNING"})  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, "vLLM's server exited"
+            assert time.time() < deadline, "vLLM's server did not come up"
+            try:
+                urllib.request.urlopen(f"{base_url}/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(2)
+        yield base_url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_compare_judges_on_the_runs_candidates_with_vllms_server_as_the_rubric_judge(run_dir, vllm_judge_server, tmp_path):
+    rubric_judge = tmp_path / "smollm2.yaml"
+    rubric_judge.write_text(
+        f"type: openai\nmodel: smollm2-judge\nbase_url: {vllm_judge_server}\napi_key_env: null\n"
+        f"max_tokens: 160\nmax_retries: 0\nconcurrency: 16\ncache_dir: {tmp_path / 'cache'}\n"
+    )
+    verifier = tmp_path / "verifier.yaml"
+    verifier.write_text("type: verifier\n")
+    result = _run([sys.executable, "-m", "pipeline", "compare-judges", str(TINY), "--judge", str(verifier),
+                   "--judge", str(rubric_judge), "--run-dir", str(run_dir)], timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    out = run_dir / "compare-judges" / "verifier-vs-smollm2"
+    scores = pd.read_parquet(out / "scores.parquet")
+    candidates = pd.read_parquet(run_dir / "round-0" / "sample")
+    assert sorted(zip(scores.prompt_id, scores.candidate_id)) == sorted(zip(candidates.prompt_id, candidates.candidate_id))
+    # every row scored by the 135M judge, or kept unscored with the reason
+    judged = scores.score_smollm2.notna()
+    assert scores.score_smollm2[judged].between(1, 5).all() and judged.sum() >= len(scores) // 2
+    assert (scores.reason_smollm2[judged] == "judged").all()
+    assert scores.reason_smollm2[~judged].str.match(r"^(unparseable: |http \d{3})").all()
+    agreement = json.loads((out / "agreement.json").read_text())
+    assert agreement["n"] == judged.sum() and agreement["n"] + agreement["n_excluded"] == len(candidates)
+    assert "Cohen's κ:" in result.stdout and "quadratic-weighted κ:" in result.stdout
+    report = _run([sys.executable, "-m", "pipeline", "report", str(TINY), "--run-dir", str(run_dir)], timeout=120)
+    assert report.returncode == 0 and "Judge agreement" in (run_dir / "report" / "report.md").read_text()
 
 
 def test_user_errors_end_with_one_message_and_no_traceback(tmp_path):

@@ -252,3 +252,36 @@ def test_hash_of(write):
     assert load_config(path, ["seed=5"]).hash_of("seed") != base.hash_of("seed")
     # name is not part of any block's hash
     assert load_config(path, ["name=other"]).hash_of("sampler", "train") == base.hash_of("sampler", "train")
+
+
+# ── judges ───────────────────────────────────────────────────────────────────────────────────
+def test_every_shipped_config_loads_and_the_judge_examples_name_their_judge():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    judges = {p.stem: load_config(p).judge for p in sorted((root / "judges").glob("*.yaml"))}
+    assert {name: j.type for name, j in judges.items()} == {
+        "openai": "openai", "reward_model": "reward_model", "verifier": "verifier", "vllm_server": "openai"}
+    assert judges["openai"].api_key_env == "OPENAI_API_KEY" and judges["vllm_server"].api_key_env is None
+    for path in root.glob("*.yaml"):
+        load_config(path)
+
+
+def test_operational_judge_keys_leave_the_stage_key_alone_and_the_others_change_it():
+    base = RunConfig(judge={"type": "openai", "model": "gpt-4o"})
+    same = {"concurrency": 8, "workers": 2, "timeout": 5, "max_retries": 1, "backoff_base": 0.1, "cache_dir": "/x",
+            "max_requests_per_minute": 60, "prices": {"prompt_per_million": 1, "completion_per_million": 2}}
+    for key, value in same.items():
+        changed = RunConfig(judge={"type": "openai", "model": "gpt-4o", key: value})
+        assert changed.hash_of("judge") == base.hash_of("judge"), key
+    for key, value in {"model": "gpt-4o-mini", "temperature": 0.5, "max_tokens": 64, "response_format": "text",
+                       "rubric": "other.txt", "base_url": "http://x/v1"}.items():
+        changed = RunConfig(judge={"type": "openai", "model": "gpt-4o"} | {key: value})
+        assert changed.hash_of("judge") != base.hash_of("judge"), key
+
+
+def test_reward_model_thresholds_must_be_four_ascending_rewards(write):
+    message = _error(write("judge: {type: reward_model, model: /m, thresholds: [0, 2, 1, 3]}"))
+    assert "thresholds must be 4 strictly ascending rewards" in message
+    assert "judge" in _error(write("judge: {type: reward_model, model: /m, thresholds: [0, 1]}"))
+    assert _line_for(_error(write("judge: {type: openai}")), "judge.model").endswith("required key is missing")
