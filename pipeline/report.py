@@ -265,7 +265,7 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
                          f"logps/chosen {first['logps/chosen']:.1f} → {last['logps/chosen']:.1f}; "
                          f"logps/rejected {first['logps/rejected']:.1f} → {last['logps/rejected']:.1f}; "
                          f"rewards/accuracies (last step) {last['rewards/accuracies']:.2f}")  # fmt: skip
-    parts += agreement_section(run_dir, out)
+    parts += ["", *agreement_section(run_dir, out)]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts) + "\n")
     return report

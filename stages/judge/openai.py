@@ -44,6 +44,9 @@ from stages.judge.client import EndpointError, JudgeClient, Outcome, read_api_ke
 from stages.judge.rubric import judge_messages, load_rubric
 
 log = logging.getLogger("pipeline")
+# The HTTP client logs every request at INFO: thousands of lines that say nothing a user needs.
+for _name in ("httpx", "httpx2", "openai"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 # The columns a row needs to be judged: the question, the response, the reference when there is one.
 ROW_COLUMNS = ["prompt", "response", "solution", "answer"]
@@ -181,7 +184,7 @@ def judge(ds: "ray.data.Dataset", judge: OpenAIJudge, where: str) -> "ray.data.D
         JudgeWorker,
         fn_constructor_kwargs={"judge": judge, "rubric": rubric, "cache": cache, "in_flight": in_flight,
                                "requests_per_minute": rpm, "probed": probed},  # fmt: skip
-        concurrency=judge.workers,
+        compute=ray.data.ActorPoolStrategy(size=judge.workers),
         batch_size=in_flight,
         batch_format="pandas",
         num_cpus=1,

@@ -203,7 +203,7 @@ def judge(ds: "ray.data.Dataset", judge: RewardModelJudge, where: str) -> "ray.d
     rewarded = ds.map_batches(
         RewardScorer,
         fn_constructor_kwargs={"model_path": model_path(judge), "judge": judge},
-        concurrency=judge.workers,
+        compute=ray.data.ActorPoolStrategy(size=judge.workers),
         num_gpus=1 if judge.use_gpu else 0,
         num_cpus=1,
         batch_size=judge.batch_size,
