@@ -22,7 +22,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from pipeline.config import OpenAIJudge
 from stages.judge.parse import Unparseable, describe_unparseable, parse_judgement
@@ -33,6 +33,9 @@ FATAL = {401: "the API key was refused", 403: "the API key may not use this mode
          404: "the server does not serve this model (or base_url lacks /v1)"}  # fmt: skip
 # Statuses worth another try: request timeout, conflict, rate limit, server errors.
 RETRYABLE = {408, 409, 429} | set(range(500, 600))
+
+
+Store = Callable[["Outcome"], Awaitable[None]]
 
 
 class EndpointError(Exception):
@@ -133,20 +136,32 @@ class JudgeClient:
         self._slots = asyncio.Semaphore(in_flight)
         self._limiter = RateLimiter(requests_per_minute) if requests_per_minute else None
         self._rng = random.Random(seed)
+        self._stopped: BaseException | None = None  # set when a score could not be stored
 
     async def close(self) -> None:
         await self._client.close()
 
-    async def judge_messages(self, messages: list[dict[str, str]]) -> Outcome:
+    async def judge_messages(self, messages: list[dict[str, str]], store: Store | None = None) -> Outcome:
+        """The row's outcome. `store(outcome)` keeps a score before its slot is released: when
+        storing fails (the cache is gone with a killed driver), this client sends nothing more,
+        so at most the requests already in flight get replies that are not kept."""
         judge = self.judge
         tries = judge.max_retries + 1
         last = "no reply"
         for attempt in range(1, tries + 1):
             retry_after = None
             async with self._slots:  # a slot is held while the request is open, not while backing off
+                if self._stopped is not None:
+                    raise self._stopped
                 if self._limiter is not None:
                     await self._limiter.wait()
                 outcome, last, retry_after = await self._try(messages, attempt)
+                if outcome is not None and outcome.score is not None and store is not None:
+                    try:
+                        await store(outcome)
+                    except BaseException as err:
+                        self._stopped = err
+                        raise
             if outcome is not None:
                 return outcome
             if attempt < tries:

@@ -9,9 +9,11 @@ Where the work happens:
   ignores Retry-After, does not retry 500 and raises when its retries run out.)
 - `client.py` does one row: rate limit, retries, backoff, Retry-After, parsing; a row it cannot
   score is kept with `score` null and the reason — never dropped, never guessed.
-- `cache.py` stores each score as it arrives, in one SQLite file owned by one actor on the
-  driver's node: a rerun of a killed stage sends requests only for rows not judged yet, and
-  identical requests inside a worker share one reply.
+- `cache.py` stores each score as it arrives (before the request's slot is freed), in one
+  SQLite file owned by one actor on the driver's node: a rerun of a killed stage sends requests
+  only for rows not judged yet, and identical requests inside a worker share one reply. When the
+  driver is killed its cache actor goes with it; the workers, which outlive it by a few seconds,
+  then send nothing more, so at most `concurrency` replies are not kept.
 - Before the pool starts, the driver sends the first unjudged row itself (`probe`): a refused
   key, an unknown model or an unreachable server stops the stage with one message instead of
   failing every row.
@@ -96,10 +98,12 @@ class JudgeWorker:
             outcome = await asyncio.shield(self._pending[key])
             return Outcome(outcome.score, outcome.reason, outcome.reasoning, 0, 0, 0), outcome.score is not None
         future = self._pending[key] = asyncio.get_running_loop().create_future()
+
+        async def store(outcome: Outcome) -> None:
+            await self.cache.put_many.remote({key: _record(outcome)})
+
         try:
-            outcome = await self._client.judge_messages(messages)
-            if outcome.score is not None:
-                await self.cache.put_many.remote({key: _record(outcome)})
+            outcome = await self._client.judge_messages(messages, store)
             future.set_result(outcome)
             return outcome, False
         except BaseException as err:
