@@ -15,12 +15,13 @@ every node shares one cache and SQLite never sees concurrent writers over a netw
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 FILENAME = "judgements.sqlite"
 
@@ -77,3 +78,45 @@ class JudgeCache:
 
     def size(self) -> int:
         return len(self)
+
+
+class GroupCommit:
+    """Scores arriving together share one write (group commit), and each caller returns only once
+    its score is stored.
+
+    Every reply's store is one round trip to the cache actor; at a few hundred replies a second
+    those round trips are a large share of a worker's event loop. Here a score waits for the write
+    in progress to finish, then goes out with every score that arrived meanwhile: no timer, so a
+    lone score is written at once, and under load one `put_many` carries a whole wave.
+    `put(records)` is the write (the cache actor's `put_many`); if it fails, every waiting caller
+    gets its exception.
+    """
+
+    def __init__(self, put: Callable[[dict[str, dict[str, Any]]], Awaitable[None]]):
+        self._put = put
+        self._records: dict[str, dict[str, Any]] = {}
+        self._waiters: list[asyncio.Future] = []
+        self._writer: asyncio.Task | None = None
+
+    async def store(self, key: str, record: dict[str, Any]) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._records[key] = record
+        self._waiters.append(done)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+        await done
+
+    async def _write(self) -> None:
+        while self._records:
+            records, waiters = self._records, self._waiters
+            self._records, self._waiters = {}, []
+            try:
+                await self._put(records)
+            except BaseException as err:  # noqa: BLE001 - handed to every caller waiting on this write
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(err)
+            else:
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)

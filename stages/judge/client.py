@@ -128,11 +128,14 @@ class JudgeClient:
     Built inside the event loop that uses it (a Ray actor's, or `asyncio.run`'s)."""
 
     def __init__(self, judge: OpenAIJudge, *, in_flight: int, requests_per_minute: float | None = None, seed: int = 0):
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, DefaultAioHttpClient
 
         self.judge = judge
         self._key = read_api_key(judge.api_key_env)
-        self._client = AsyncOpenAI(base_url=judge.base_url, api_key=self._key, max_retries=0, timeout=judge.timeout)
+        # aiohttp under the client: the default transport checks every pooled connection on every
+        # request, which at a few hundred requests a second is most of the event loop (bench/RESULTS.md)
+        self._client = AsyncOpenAI(base_url=judge.base_url, api_key=self._key, max_retries=0, timeout=judge.timeout,
+                                   http_client=DefaultAioHttpClient(timeout=judge.timeout))
         self._slots = asyncio.Semaphore(in_flight)
         self._limiter = RateLimiter(requests_per_minute) if requests_per_minute else None
         self._rng = random.Random(seed)
@@ -191,10 +194,11 @@ class JudgeClient:
             if status in RETRYABLE:
                 return None, f"http {status}", retry_after_seconds(err.response.headers)
             return Outcome(None, f"http {status}: {detail}", "", attempt), "", None  # this prompt, not the server
-        except openai.APITimeoutError:
-            return None, f"timeout ({judge.timeout:g} s)", None
-        except openai.APIConnectionError as err:
-            return None, f"connection error ({redact(type(err.__cause__ or err).__name__, self._key)})", None
+        except openai.APIConnectionError as err:  # timeouts included
+            dropped = _connection_failure(err)
+            if dropped is None and isinstance(err, openai.APITimeoutError):
+                return None, f"timeout ({judge.timeout:g} s)", None
+            return None, f"connection error ({dropped or type(err.__cause__ or err).__name__})", None
         except (openai.APIResponseValidationError, ValueError) as err:
             return None, f"malformed reply ({type(err).__name__})", None
         content, usage = _content_and_usage(completion)
@@ -205,6 +209,22 @@ class JudgeClient:
         except Unparseable as err:
             return None, redact(describe_unparseable(err, content), self._key), None
         return Outcome(verdict.score, "judged", verdict.reasoning, attempt, *usage), "", None
+
+
+def _connection_failure(err: BaseException) -> str | None:
+    """The name of the connection failure under `err` (refused, reset, dropped), or None for a
+    timeout: the aiohttp transport reports a refused connection as a connect *timeout*, and a
+    user whose server is down should read "connection error", at once, not "timeout"."""
+    import aiohttp
+
+    cause = err.__cause__
+    while cause is not None:
+        if isinstance(cause, (aiohttp.ServerTimeoutError, aiohttp.SocketTimeoutError)):
+            return None
+        if isinstance(cause, (aiohttp.ClientConnectionError, ConnectionError)):
+            return type(cause).__name__
+        cause = cause.__cause__
+    return None
 
 
 def _error_message(err: Any) -> str:

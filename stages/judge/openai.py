@@ -41,7 +41,7 @@ import ray
 from pipeline.config import DataConfig, OpenAIJudge
 from pipeline.errors import UserError
 from pipeline.models import cache_root
-from stages.judge.cache import JudgeCache, cache_key
+from stages.judge.cache import GroupCommit, JudgeCache, cache_key
 from stages.judge.client import EndpointError, JudgeClient, Outcome, read_api_key
 from stages.judge.rubric import judge_messages, load_rubric
 
@@ -49,6 +49,10 @@ log = logging.getLogger("pipeline")
 # The HTTP client logs every request at INFO: thousands of lines that say nothing a user needs.
 for _name in ("httpx", "httpx2", "openai"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+# An HTTP-bound actor: half a core, so a pool as large as the cluster's cores still leaves Ray Data
+# a CPU to read the candidates with (`judge` checks the pool fits).
+WORKER_CPUS = 0.5
 
 # The columns a row needs to be judged: the question, the response, the reference when there is one.
 ROW_COLUMNS = ["prompt", "response", "solution", "answer"]
@@ -77,6 +81,7 @@ class JudgeWorker:
         self.in_flight, self.requests_per_minute = in_flight, requests_per_minute
         self._client: JudgeClient | None = None
         self._pending: dict[str, asyncio.Future] = {}  # key → the reply being awaited (duplicates share it)
+        self._writes: GroupCommit | None = None
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if self._client is None:  # built in the actor's event loop
@@ -84,6 +89,7 @@ class JudgeWorker:
                 self._client = JudgeClient(self.judge, in_flight=self.in_flight, requests_per_minute=self.requests_per_minute)
             except EndpointError as err:
                 raise EndpointError(f"{err} (it is set on the driver, not in this Ray worker's environment)") from None
+            self._writes = GroupCommit(lambda records: self.cache.put_many.remote(records))
         rows = [row_messages(self.judge, self.rubric, r) for r in batch[ROW_COLUMNS].to_dict("records")]
         hits = await self.cache.get_many.remote([key for key, _ in rows])
         results = await asyncio.gather(*(self._row(key, messages, hits.get(key)) for key, messages in rows))
@@ -100,7 +106,7 @@ class JudgeWorker:
         future = self._pending[key] = asyncio.get_running_loop().create_future()
 
         async def store(outcome: Outcome) -> None:
-            await self.cache.put_many.remote({key: _record(outcome)})
+            await self._writes.store(key, _record(outcome))
 
         try:
             outcome = await self._client.judge_messages(messages, store)
@@ -176,6 +182,13 @@ def probe(judge: OpenAIJudge, rubric: str, rows: pd.DataFrame, cache: Any) -> di
 
 def judge(ds: "ray.data.Dataset", judge: OpenAIJudge, where: str) -> "ray.data.Dataset":
     rubric = load_rubric(judge.rubric)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if judge.workers * WORKER_CPUS > cpus - 1:
+        raise UserError(
+            f"judge.workers={judge.workers}: {judge.workers} actors of {WORKER_CPUS} CPU each leave this Ray cluster "
+            f"({cpus:g} CPUs) no CPU to read the candidates with; use at most {max(1, int((cpus - 1) / WORKER_CPUS))} "
+            "(one actor keeps hundreds of requests in flight: raise judge.concurrency instead)"
+        )
     try:
         read_api_key(judge.api_key_env)
     except EndpointError as err:
@@ -191,7 +204,7 @@ def judge(ds: "ray.data.Dataset", judge: OpenAIJudge, where: str) -> "ray.data.D
         compute=ray.data.ActorPoolStrategy(size=judge.workers),
         batch_size=in_flight,
         batch_format="pandas",
-        num_cpus=1,
+        num_cpus=WORKER_CPUS,
     )
 
 

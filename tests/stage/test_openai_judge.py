@@ -307,3 +307,33 @@ def test_the_key_appears_in_no_file_the_run_wrote_and_no_output(tiny_llama, tmp_
     assert len(written) > 10
     leaks = [p for p in written if key.encode() in p.read_bytes()]
     assert not leaks, leaks
+
+
+def test_the_reason_of_an_unscored_row_names_what_went_wrong():
+    """The client alone (no Ray) against rows that fail every try in one way each."""
+    import asyncio
+
+    from stages.judge.client import JudgeClient
+
+    with FakeOpenAI(api_key=os.environ[JUDGE_KEY_ENV], stall=3.0, retry_after="0.01") as server:
+        judge = judge_cfg(server, Path("/unused"), timeout=0.3, max_retries=1).judge
+
+        async def reasons():
+            client = JudgeClient(judge, in_flight=8)
+            try:
+                kinds = ("429", "500", "stall", "garbage", "drop")
+                outcomes = await asyncio.gather(*(client.judge_messages([{"role": "user", "content": f"<fail={k}>"}])
+                                                  for k in kinds))  # fmt: skip
+                return dict(zip(kinds, (o.reason for o in outcomes)))
+            finally:
+                await client.close()
+
+        got = asyncio.run(reasons())
+    assert got == {
+        "429": "http 429 after 2 tries",
+        "500": "http 500 after 2 tries",
+        "stall": "timeout (0.3 s) after 2 tries",
+        "garbage": "malformed reply (JSONDecodeError) after 2 tries",
+        "drop": got["drop"],
+    }
+    assert re.fullmatch(r"connection error \(\w+\) after 2 tries", got["drop"]), got["drop"]

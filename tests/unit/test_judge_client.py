@@ -90,3 +90,44 @@ def test_cache_stores_scores_across_reopening(tmp_path):
     assert len(again) == 2
     again.put_many({f"k{i}": record for i in range(1200)})  # beyond SQLite's bound-parameter limit per query
     assert len(again.get_many([f"k{i}" for i in range(1200)])) == 1200
+
+
+def test_group_commit_writes_waves_together_and_returns_only_once_stored():
+    from stages.judge.cache import GroupCommit
+
+    written: list[dict] = []
+    returned: list[str] = []
+
+    async def put(records):
+        await asyncio.sleep(0.01)  # a round trip to the cache actor
+        written.append(dict(records))
+
+    async def one(writes, key):
+        await writes.store(key, {"score": int(key[1:])})
+        assert any(key in w for w in written), "returned before its record was written"
+        returned.append(key)
+
+    async def main():
+        writes = GroupCommit(put)
+        await one(writes, "k0")  # alone: written at once, by itself
+        await asyncio.gather(*(one(writes, f"k{i}") for i in range(1, 41)))
+
+    asyncio.run(main())
+    assert written[0] == {"k0": {"score": 0}}
+    assert sorted(returned) == sorted(f"k{i}" for i in range(41))
+    assert {k for w in written for k in w} == set(returned) and sum(map(len, written)) == 41
+    assert len(written) <= 3  # the wave of 40 went out in one or two writes, not 40
+
+
+def test_group_commit_hands_a_failed_write_to_every_waiting_caller():
+    from stages.judge.cache import GroupCommit
+
+    async def put(records):
+        raise ConnectionError("cache actor died")
+
+    async def main():
+        writes = GroupCommit(put)
+        return await asyncio.gather(*(writes.store(f"k{i}", {}) for i in range(5)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, ConnectionError) for r in results)
