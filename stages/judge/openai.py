@@ -9,11 +9,11 @@ Where the work happens:
   ignores Retry-After, does not retry 500 and raises when its retries run out.)
 - `client.py` does one row: rate limit, retries, backoff, Retry-After, parsing; a row it cannot
   score is kept with `score` null and the reason — never dropped, never guessed.
-- `cache.py` stores each score as it arrives (before the request's slot is freed), in one
-  SQLite file owned by one actor on the driver's node: a rerun of a killed stage sends requests
-  only for rows not judged yet, and identical requests inside a worker share one reply. When the
-  driver is killed its cache actor goes with it; the workers, which outlive it by a few seconds,
-  then send nothing more, so at most `concurrency` replies are not kept.
+- `cache.py` stores each score as it arrives (a wave of replies in one write), in one SQLite
+  file owned by one actor on the driver's node: a rerun of a killed stage sends requests only for
+  rows not judged yet, and identical requests inside a worker share one reply. When the driver
+  is killed its cache actor goes with it; the workers, which outlive it by a few seconds, then
+  send nothing more, so at most about twice `concurrency` replies are not kept.
 - Before the pool starts, the driver sends the first unjudged row itself (`probe`): a refused
   key, an unknown model or an unreachable server stops the stage with one message instead of
   failing every row.
@@ -72,7 +72,8 @@ def row_messages(judge: OpenAIJudge, rubric: str, row: dict[str, Any]) -> tuple[
 
 
 class JudgeWorker:
-    """A Ray Data actor: judges a batch of rows with all their requests in flight together."""
+    """A Ray Data actor: judges batches of rows with up to `in_flight` requests open at once
+    over all the batches it is working on."""
 
     def __init__(self, judge: OpenAIJudge, rubric: str, cache: Any, in_flight: int, requests_per_minute: float | None,
                  probed: dict[str, Outcome] | None = None):
@@ -82,6 +83,7 @@ class JudgeWorker:
         self._client: JudgeClient | None = None
         self._pending: dict[str, asyncio.Future] = {}  # key → the reply being awaited (duplicates share it)
         self._writes: GroupCommit | None = None
+        self._batches = 0  # batches in progress (Ray Data runs several at once on the actor's loop)
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if self._client is None:  # built in the actor's event loop
@@ -90,9 +92,16 @@ class JudgeWorker:
             except EndpointError as err:
                 raise EndpointError(f"{err} (it is set on the driver, not in this Ray worker's environment)") from None
             self._writes = GroupCommit(lambda records: self.cache.put_many.remote(records))
-        rows = [row_messages(self.judge, self.rubric, r) for r in batch[ROW_COLUMNS].to_dict("records")]
-        hits = await self.cache.get_many.remote([key for key, _ in rows])
-        results = await asyncio.gather(*(self._row(key, messages, hits.get(key)) for key, messages in rows))
+        self._batches += 1
+        try:
+            rows = [row_messages(self.judge, self.rubric, r) for r in batch[ROW_COLUMNS].to_dict("records")]
+            hits = await self.cache.get_many.remote([key for key, _ in rows])
+            results = await asyncio.gather(*(self._row(key, messages, hits.get(key)) for key, messages in rows))
+        finally:
+            self._batches -= 1
+            if self._batches == 0:  # idle, perhaps for good: close the connections (reopened if more comes)
+                client, self._client = self._client, None
+                await client.close()
         return with_judge_columns(batch, [o for o, _ in results], [c for _, c in results], self.judge.model)
 
     async def _row(self, key: str, messages: list[dict[str, str]], hit: dict | None) -> tuple[Outcome, bool]:
@@ -202,7 +211,7 @@ def judge(ds: "ray.data.Dataset", judge: OpenAIJudge, where: str) -> "ray.data.D
         fn_constructor_kwargs={"judge": judge, "rubric": rubric, "cache": cache, "in_flight": in_flight,
                                "requests_per_minute": rpm, "probed": probed},  # fmt: skip
         compute=ray.data.ActorPoolStrategy(size=judge.workers),
-        batch_size=in_flight,
+        batch_size=4 * in_flight,  # few batch boundaries: each waits for its slowest row
         batch_format="pandas",
         num_cpus=WORKER_CPUS,
     )

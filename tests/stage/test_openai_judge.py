@@ -267,7 +267,9 @@ def test_a_judge_killed_half_way_sends_no_request_twice_for_a_judged_row(tiny_ll
         in_cache = JudgeCache(str(tmp_path / "cache")).get_many(list(cache_keys.values()))
         stored = {k for k, c in cache_keys.items() if c in in_cache}
         assert stored <= server.answered()  # only replies are stored ...
-        assert len(stored) >= len(answered) - 4  # ... as they arrive: at most the requests in flight are lost
+        # ... as they arrive: lost are at most the requests in flight and the replies waiting for
+        # their write when the cache went with the driver (concurrency 4)
+        assert len(stored) >= len(answered) - 2 * 4
 
         server.reset()
         done = subprocess.run(_stage_judge(config, tmp_path / "run", env), cwd=REPO, env=env, capture_output=True,
