@@ -198,10 +198,7 @@ def judge(ds: "ray.data.Dataset", judge: OpenAIJudge, where: str) -> "ray.data.D
             f"({cpus:g} CPUs) no CPU to read the candidates with; use at most {max(1, int((cpus - 1) / WORKER_CPUS))} "
             "(one actor keeps hundreds of requests in flight: raise judge.concurrency instead)"
         )
-    try:
-        read_api_key(judge.api_key_env)
-    except EndpointError as err:
-        raise UserError(str(err)) from None
+    _check_key(judge)
     cache = _cache_actor(cache_folder(judge))
     probed = probe(judge, rubric, ds.select_columns(ROW_COLUMNS).to_pandas(), cache)
     in_flight = math.ceil(judge.concurrency / judge.workers)
@@ -220,6 +217,10 @@ def judge(ds: "ray.data.Dataset", judge: OpenAIJudge, where: str) -> "ray.data.D
 def preflight(judge: OpenAIJudge, data: DataConfig) -> None:
     """Before any sampling: the rubric has its placeholders and the key's variable is set."""
     load_rubric(judge.rubric)
+    _check_key(judge)
+
+
+def _check_key(judge: OpenAIJudge) -> None:
     try:
         read_api_key(judge.api_key_env)
     except EndpointError as err:
