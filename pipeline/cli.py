@@ -123,7 +123,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "stage":
         if not 0 <= args.round < cfg.rounds:
             raise UserError(f"--round {args.round}: this config has rounds 0..{cfg.rounds - 1}")
-        runner.preflight()
+        runner.preflight((args.name,))
         out = runner.run_stage(args.name, args.round, force=args.force)
         runner.save_config()  # after the input checks: a refused stage leaves the run's config as it was
         print(out)

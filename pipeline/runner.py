@@ -160,15 +160,16 @@ class Runner:
         log.info("round %d %s: done in %.0f s: %s", round_, name, time.time() - start, _brief(stats))
         return out
 
-    def preflight(self) -> None:
+    def preflight(self, stages: tuple[str, ...] = tuple(STAGES)) -> None:
         """Catch bad input before any work: the model resolves, both prompt splits load (and are
-        not empty), and each stage's own check of the config passes (`preflight(cfg)` in its module)."""
+        not empty), and the own check of each stage about to run passes (`preflight(cfg)` in its
+        module: `stage train` does not need the judge's API key)."""
         from pipeline.data import load_prompts
 
         resolve_model(self.cfg.policy)
         for split in ("train", "eval"):
             load_prompts(self.cfg.data, split)
-        for stage in STAGES.values():
+        for stage in (STAGES[name] for name in stages):
             check = getattr(importlib.import_module(stage.module), "preflight", None)
             if check is not None:
                 check(self.cfg)

@@ -26,6 +26,7 @@ from pipeline.data import load_prompts
 from pipeline.errors import UserError
 from stages.evaluate.logps import pair_logps
 from stages.judge import judge_dataset
+from stages.judge import preflight as judge_preflight
 from stages.sample import vllm
 from stages.train import reference_batches_for
 
@@ -43,8 +44,9 @@ def score_summary(scores: pd.Series) -> dict[str, float]:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Evaluation scores one greedy answer per prompt: a reward-model judge scoring by rank among a
-    prompt's candidates has nothing to rank there."""
+    """Evaluation judges with the run's judge (its own checks: answers, rubric, key), and scores one
+    greedy answer per prompt: a reward-model judge scoring by rank has nothing to rank there."""
+    judge_preflight(cfg)
     if cfg.judge.type == "reward_model" and cfg.judge.thresholds is None:
         raise UserError(
             "judge.thresholds: the reward-model judge scores by rank among a prompt's candidates when no "

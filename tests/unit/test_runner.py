@@ -172,3 +172,15 @@ def test_preflight_stops_a_verifier_run_on_prompts_without_answers(tmp_path):
     with pytest.raises(UserError, match=r"data \(train split\): 1 of 1 rows have no reference answer .*data.fields.answer"):
         Runner(no_answers, tmp_path / "run").preflight()
     Runner(cfg, tmp_path / "run").preflight()  # with answers it passes
+
+
+def test_a_stage_run_alone_checks_only_what_it_needs(tmp_path):
+    cfg = _cfg(tmp_path, judge={"type": "openai", "model": "gpt-4o", "api_key_env": "PIPELINE_TEST_NEVER_SET"})
+    runner = Runner(cfg, tmp_path / "run")
+    runner.preflight(("sample",))
+    runner.preflight(("pairs", "train"))  # no judge, no key needed
+    for needs_the_judge in ("judge", "evaluate"):
+        with pytest.raises(UserError, match="the environment variable PIPELINE_TEST_NEVER_SET is not set"):
+            runner.preflight((needs_the_judge,))
+    with pytest.raises(UserError, match="PIPELINE_TEST_NEVER_SET"):
+        runner.preflight()  # a whole run checks every stage
