@@ -60,12 +60,10 @@ _MARKER = re.compile(r"<score=(\d)>")
 # ── the fake server, in its own process ─────────────────────────────────────────────────────────
 def serve(settings: dict) -> None:
     """`FakeOpenAI` with `GET /bench/log`: [attempt, outcome, t_start, t_end] per request."""
-    import asyncio
-    import signal
 
     from aiohttp import web
 
-    from tests.fakes.openai_server import FakeOpenAI
+    from tests.fakes.openai_server import FakeOpenAI, serve_until_signalled
 
     class BenchServer(FakeOpenAI):
         def make_app(self) -> web.Application:
@@ -77,15 +75,7 @@ def serve(settings: dict) -> None:
             app.router.add_get("/bench/log", log)
             return app
 
-    server = BenchServer(MODEL, KEY, **settings)
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.request_stop)
-        await server.serve(lambda: print(f"listening on {server.base_url}", flush=True))
-
-    asyncio.run(run())
+    serve_until_signalled(BenchServer(MODEL, KEY, **settings))
 
 
 class Server:

@@ -368,6 +368,12 @@ def main(argv: list[str] | None = None) -> None:
                         seed=args.seed, fault_kinds=args.fault_kinds.split(","), retry_after=args.retry_after,
                         stall=args.stall, echo_headers=args.echo_headers, host=args.host, port=args.port)
 
+    serve_until_signalled(server)
+
+
+def serve_until_signalled(server: FakeOpenAI) -> None:
+    """Serve in this process until SIGINT/SIGTERM; print `listening on URL` once ready."""
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
