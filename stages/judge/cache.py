@@ -76,9 +76,6 @@ class JudgeCache:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
 
-    def size(self) -> int:
-        return len(self)
-
 
 class GroupCommit:
     """Scores arriving together share one write (group commit), and each caller returns only once
