@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -93,11 +94,9 @@ DEFAULT_PROMPT_TEMPLATE = (
 
 
 # ── sample ───────────────────────────────────────────────────────────────────────────────────
-class VLLMSampler(Block):
-    """Ray Data + vLLM (`ray.data.llm`). One code path for a CPU laptop and a GPU cluster:
-    `replicas` engine copies, each over `tensor_parallel_size` GPUs."""
+class _Sampling(Block):
+    """What every sampler shares: how many candidates, how they are drawn, what the model sees."""
 
-    type: Literal["vllm"] = "vllm"
     n: int = Field(8, ge=1, description="candidates per prompt (the paper samples 8)")
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -105,9 +104,21 @@ class VLLMSampler(Block):
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     system_prompt: str | None = None
     seed: int = 0
+
+
+class VLLMSampler(_Sampling):
+    """Ray Data + vLLM (`ray.data.llm`, `stages/sample/vllm.py`). One code path for a CPU laptop
+    and a GPU cluster: `replicas` engine copies, each over `tensor_parallel_size` GPUs."""
+
+    type: Literal["vllm"] = "vllm"
+    model: str | None = Field(None, description="None: the policy of the round; else embedded:NAME, an HF folder or a hub id")
     batch_size: int = Field(16, ge=1)
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, description="engine copies (Ray Data actors), each over tensor_parallel_size devices")
     tensor_parallel_size: int = Field(1, ge=1)
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the engines need, e.g. H100 (GPU only)")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to vllm.LLM as they are (e.g. {max_num_seqs: 64}); they win over the keys above"
+    )
     dtype: str = "bfloat16"
     max_model_len: int = Field(1024, ge=16)
     gpu_memory_utilization: float = Field(
@@ -123,7 +134,45 @@ class VLLMSampler(Block):
     )
 
 
-SamplerConfig = Annotated[Union[VLLMSampler], Field(discriminator="type")]
+class HFSampler(_Sampling):
+    """Batched transformers `generate` on a Ray Data actor pool (`stages/sample/hf.py`), for models
+    vLLM cannot serve (and quick starts: no engine to build)."""
+
+    type: Literal["hf"] = "hf"
+    model: str | None = Field(None, description="None: the policy of the round; else embedded:NAME, an HF folder or a hub id")
+    batch_size: int = Operational(8, ge=1, description="prompts per generate call (each with n sequences)")
+    workers: int = Operational(1, ge=1, description="Ray Data actors, one model copy each")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    use_gpu: bool = Operational(False)
+
+
+class OpenAISampler(_Sampling):
+    """Any OpenAI-compatible chat endpoint (`stages/sample/openai_api.py`), async with bounded
+    requests in flight and retries; shares its HTTP client with the OpenAI judge."""
+
+    type: Literal["openai"] = "openai"
+    model: str = Field(description="the model as the server names it")
+    base_url: str | None = Field(None, description="e.g. http://localhost:8000/v1; None: the client's default")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="the NAME of the environment variable holding the key (never the key); None: no key"
+    )
+    concurrency: int = Operational(32, ge=1, description="requests in flight at once, over all workers")
+    workers: int = Operational(1, ge=1)
+    max_requests_per_minute: float | None = Operational(None, gt=0.0)
+    timeout: float = Operational(120.0, gt=0.0)
+    max_retries: int = Operational(5, ge=0)
+    backoff_base: float = Operational(1.0, gt=0.0)
+    backoff_max: float = Operational(60.0, gt=0.0)
+
+
+class ReferenceSampler(Block):
+    """The dataset's own worked solutions as candidates (one per prompt): the chosen side of
+    scenarios 2 and 4 (`stages/sample/reference.py`). Needs prompts with a `solution`."""
+
+    type: Literal["reference"] = "reference"
+
+
+SamplerConfig = Annotated[Union[VLLMSampler, HFSampler, OpenAISampler, ReferenceSampler], Field(discriminator="type")]
 
 
 # ── judge ────────────────────────────────────────────────────────────────────────────────────
@@ -198,15 +247,33 @@ JudgeConfig = Annotated[Union[VerifierJudge, OpenAIJudge, RewardModelJudge], Fie
 
 
 # ── pairs ────────────────────────────────────────────────────────────────────────────────────
+# Who writes chosen × rejected in each scenario (3D-properties §5.2, METHODS.md): "policy" is the
+# round's policy (`sampler`), "reference" the dataset's worked solutions, "other" another model
+# (`other_sampler`). Scenario 1 is on-policy on both sides; 4 on neither.
+SCENARIO_SOURCES: dict[int, tuple[str, str]] = {
+    1: ("policy", "policy"),
+    2: ("reference", "policy"),
+    3: ("policy", "other"),
+    4: ("reference", "other"),
+}
+
+
 class PairsConfig(Block):
-    scenarios: list[Literal[1]] = Field(
-        [1], min_length=1, description="1 = policy x policy; 2-4 arrive with the reference and other-model samplers"
+    scenarios: list[Literal[1, 2, 3, 4]] = Field(
+        [1], min_length=1,
+        description="1 = policy × policy, 2 = dataset solution × policy, 3 = policy × other model, 4 = dataset solution × other model",
     )
     tie_break: Literal["first", "random"] = Field(
         "first", description="among equal scores: lowest candidate_id, or a seeded draw per prompt"
     )
-    min_margin: float = Field(1.0, gt=0.0, description="drop prompts whose best-worst score gap is below this")
+    min_margin: float = Field(1.0, gt=0.0, description="drop prompts whose chosen-rejected score gap is below this")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique(self) -> "PairsConfig":
+        if len(set(self.scenarios)) != len(self.scenarios):
+            raise ValueError(f"scenarios must not repeat, got {self.scenarios}")
+        return self
 
 
 # ── train ────────────────────────────────────────────────────────────────────────────────────
@@ -222,7 +289,7 @@ MethodConfig = Annotated[Union[DPOMethod], Field(discriminator="type")]
 
 class TrainConfig(Block):
     method: MethodConfig = DPOMethod()
-    scenario: Literal[1] = 1
+    scenario: Literal[1, 2, 3, 4] = Field(1, description="whose pairs (pairs/s<scenario>) this training reads")
     num_workers: int = Field(2, ge=1, description="Ray Train workers; FSDP2 shards across them")
     use_gpu: bool = False
     batch_size: int = Field(8, ge=1, description="global batch of pairs per optimiser step")
@@ -251,6 +318,24 @@ class EvaluateConfig(Block):
     max_tokens: int = Field(256, ge=1)
     num_prompts: int | None = Field(None, ge=1, description="held-out prompts to judge (default: all)")
     logp_pairs: int | None = Field(None, ge=1, description="pairs to measure logps on (default: all)")
+    sampler: SamplerConfig | None = Field(
+        None, description="what writes the greedy held-out answers (a vllm or hf sampler; n, temperature and max_tokens "
+        "are set by evaluate); None: the run's `sampler`"
+    )
+
+
+# ── variants and rounds ──────────────────────────────────────────────────────────────────────
+class NextRoundConfig(Block):
+    """How round k+1 follows round k (`rounds` > 1)."""
+
+    sample_from: str | None = Field(
+        None, description="the variant whose round-k checkpoint round k+1 samples from and trains; None: the first "
+        "variant on scenario 1 (on-policy), else the first variant"
+    )
+    ref_model: Literal["initial", "previous"] = Field(
+        "previous", description="the reference model (π_ref) of round k+1: the run's initial policy, or the checkpoint it "
+        "starts from"
+    )
 
 
 class RayConfig(Block):
@@ -265,11 +350,89 @@ class RunConfig(Block):
     policy: str = Field("embedded:smollm2-135m-instruct", description="embedded:NAME, an HF folder, or a hub id")
     data: DataConfig = BuiltinMathData()
     sampler: SamplerConfig = VLLMSampler()
+    other_sampler: SamplerConfig | None = Field(
+        None, description="the other model of scenarios 3 and 4, sampled and judged like the policy (configs/scenarios.yaml)"
+    )
     judge: JudgeConfig = VerifierJudge()
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
+    variants: dict[str, dict[str, Any]] | None = Field(
+        None, description="named trainings on the same judged data, each `train` with these keys overridden, e.g. "
+        "{s1: {scenario: 1}, ipo: {scenario: 1, method: {type: ipo}}}; None: one per scenario in pairs.scenarios, named s1..s4"
+    )
+    next_round: NextRoundConfig = NextRoundConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _variants_and_sources(self) -> "RunConfig":
+        trains = self.trains()  # validates every variant's overrides
+        for name, tc in trains.items():
+            if tc.scenario not in self.pairs.scenarios:
+                raise ValueError(f"variants.{name}.scenario: scenario {tc.scenario} is not in pairs.scenarios "
+                                 f"{self.pairs.scenarios}; add it there or train another scenario")
+        frm = self.next_round.sample_from
+        if frm is not None and frm not in trains:
+            raise ValueError(f"next_round.sample_from: no variant {frm!r}; variants: {', '.join(trains)}")
+        if "other" in self.sources() and self.other_sampler is None:
+            needing = [k for k in self.pairs.scenarios if "other" in SCENARIO_SOURCES[k]]
+            raise ValueError(f"pairs.scenarios {needing} take rejected responses from another model: add an `other_sampler:` "
+                             "block (configs/scenarios.yaml has one), or drop scenarios 3 and 4")
+        for key in ("sampler", "other_sampler"):
+            if isinstance(getattr(self, key), ReferenceSampler):
+                raise ValueError(f"{key}.type: `reference` writes the dataset's solutions, not a model's samples; "
+                                 "scenarios 2 and 4 use it on their own (pairs.scenarios: [2, 4])")
+        if isinstance(self.evaluate.sampler or self.sampler, (OpenAISampler, ReferenceSampler)):
+            raise ValueError("evaluate.sampler: evaluation generates from each checkpoint, which an API cannot serve; "
+                             "set evaluate.sampler to a vllm or hf sampler (e.g. evaluate.sampler.type=vllm)")
+        return self
+
+    # ── parts of a run: sources of candidates, variants of training ──────────────────────────
+    def sources(self) -> list[str]:
+        """Who writes candidates this run: "policy" always, "reference" for scenarios 2/4, "other" for 3/4."""
+        used = {src for k in self.pairs.scenarios for src in SCENARIO_SOURCES[k]}
+        return [s for s in ("policy", "reference", "other") if s in used]
+
+    def sampler_of(self, source: str) -> "SamplerConfig":
+        return {"policy": self.sampler, "other": self.other_sampler, "reference": ReferenceSampler()}[source]
+
+    def trains(self) -> dict[str, "TrainConfig"]:
+        """Every variant's train config by name, in config order."""
+        if self.variants is None:
+            return {f"s{k}": self.train.model_copy(update={"scenario": k}) for k in self.pairs.scenarios}
+        out = {}
+        for name, overrides in self.variants.items():
+            if not _VARIANT_NAME.fullmatch(name) or name == "policy":
+                raise ValueError(f"variants.{name}: a variant name is a folder name: letters, digits, '.', '_', '-' "
+                                 "(and not 'policy', the round's own evaluation)")
+            if not isinstance(overrides, dict):
+                raise ValueError(f"variants.{name}: expected keys of `train` to override, e.g. {{scenario: 2}}, got {overrides!r}")
+            merged = _deep_merge(self.train.model_dump(mode="json"), overrides)
+            if isinstance(overrides.get("method"), dict) and "type" in overrides["method"]:
+                merged["method"] = overrides["method"]  # another method: its own defaults, not the base's keys
+            try:
+                out[name] = TrainConfig.model_validate(merged)
+            except ValidationError as err:
+                lines = format_validation_error(err, source="", root=TrainConfig, prefix=f"variants.{name}.").splitlines()[1:]
+                raise ValueError("; ".join(line.strip() for line in lines)) from None
+        if not out:
+            raise ValueError("variants: give at least one, or leave the key out (one per scenario)")
+        return out
+
+    def sample_from(self) -> str:
+        """The variant whose checkpoint the next round samples from."""
+        trains = self.trains()
+        if self.next_round.sample_from:
+            return self.next_round.sample_from
+        return next((n for n, tc in trains.items() if tc.scenario == 1), next(iter(trains)))
+
+    def for_source(self, source: str) -> "RunConfig":
+        """This config as the sample and judge stages of one source see it: `sampler` is that source's."""
+        return self.model_copy(update={"sampler": self.sampler_of(source)})
+
+    def for_variant(self, name: str) -> "RunConfig":
+        """This config as the train and evaluate stages of one variant see it: `train` is the variant's."""
+        return self.model_copy(update={"train": self.trains()[name]})
 
     @model_validator(mode="before")
     @classmethod
@@ -282,8 +445,8 @@ class RunConfig(Block):
         raw = copy.deepcopy(raw)
         if "seed" in raw:
             for name in _SEEDED_BLOCKS:
-                block = raw.setdefault(name, {})
-                if isinstance(block, dict):
+                block = raw.get(name) if (name,) in _NONE_DEFAULT_TYPE else raw.setdefault(name, {})
+                if isinstance(block, dict) and block.get("type") != "reference":
                     block.setdefault("seed", raw["seed"])
         for path in _PLUGIN_BLOCKS:
             _default_type(raw, path)
@@ -310,6 +473,16 @@ class RunConfig(Block):
         """A short stable hash of some top-level blocks: the part of the config a stage depends on."""
         payload = {b: _dump_outcome(getattr(self, b)) for b in blocks}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _dump_outcome(value: Any) -> Any:
@@ -362,8 +535,11 @@ def _default_type(raw: dict, path: tuple[str, ...]) -> None:
             return
     leaf = node.get(path[-1]) if isinstance(node, dict) else None
     field = model.model_fields.get(path[-1])
-    if isinstance(leaf, dict) and "type" not in leaf and field is not None and isinstance(field.default, BaseModel):
-        leaf["type"] = field.default.type
+    if isinstance(leaf, dict) and "type" not in leaf and field is not None:
+        if isinstance(field.default, BaseModel):
+            leaf["type"] = field.default.type
+        elif path in _NONE_DEFAULT_TYPE:
+            leaf["type"] = _NONE_DEFAULT_TYPE[path]
 
 
 def _member(field: Any, raw: Any) -> Any:
@@ -393,25 +569,28 @@ def _apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value != "" else None
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, root: type = None, prefix: str = "") -> str:
+    """One line per problem, each naming its dotted key (`prefix` + the location under `root`)."""
+    root = root or RunConfig
     lines = [f"{source}: invalid config"]
     for e in err.errors():
         loc = [str(p) for i, p in enumerate(e["loc"]) if not _is_union_tag(e["loc"], i)]
-        key = ".".join(loc) or "(top level)"
+        key = prefix + ".".join(loc) if loc else None
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "union_tag_invalid":
-            key += ".type"
+            key = (key or "") + ".type"
             msg = f"unknown type {e['ctx']['tag']!r}; allowed: {e['ctx']['expected_tags']}"
         elif e["type"] == "union_tag_not_found":
             msg = "say which plug-in with a `type:` key"
         elif e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(e["loc"][:-1])
+            allowed = _allowed_keys(e["loc"][:-1], root)
             msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif "input" in e and e["type"] not in ("value_error",):
             msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
+        # a check of the whole config names its keys in its message
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return "\n".join(lines)
 
 
@@ -420,9 +599,9 @@ def _is_union_tag(loc: tuple, i: int) -> bool:
     return i > 0 and tuple(str(p) for p in loc[:i]) in _PLUGIN_BLOCKS and loc[i] in _UNION_TAGS
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
+def _allowed_keys(loc: tuple, root: type) -> list[str]:
     """The field names of the model at `loc` (walking through union members by their tag)."""
-    model: Any = RunConfig
+    model: Any = root
     for i, part in enumerate(loc):
         if isinstance(part, int) or _is_union_tag(loc, i):
             continue
@@ -456,10 +635,17 @@ def _flatten(args: tuple) -> list:
 
 
 # Where a config block picks its plug-in with `type:`.
-_PLUGIN_BLOCKS = {("data",), ("sampler",), ("judge",), ("train", "method")}
+_PLUGIN_BLOCKS = {("data",), ("sampler",), ("other_sampler",), ("judge",), ("train", "method"), ("evaluate", "sampler")}
+
+# Plug-in blocks whose default is None: the type a block given without `type:` gets.
+_NONE_DEFAULT_TYPE = {("other_sampler",): "vllm", ("evaluate", "sampler"): "vllm"}
 
 # Blocks with a `seed` of their own, defaulting to the top-level one.
-_SEEDED_BLOCKS = ("data", "sampler", "pairs", "train")
+_SEEDED_BLOCKS = ("data", "sampler", "other_sampler", "pairs", "train")
 
 # Every plug-in's tag, e.g. "vllm", "verifier", "dpo": pydantic puts it in error locations.
-_UNION_TAGS = {c.model_fields["type"].default for c in Block.__subclasses__() if "type" in c.model_fields}
+def _all_blocks(cls: type = Block) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_all_blocks(sub))]
+
+
+_UNION_TAGS = {c.model_fields["type"].default for c in _all_blocks() if "type" in c.model_fields}

@@ -16,7 +16,8 @@ from pipeline.config import (
 )
 from pipeline.errors import UserError
 
-RUN_KEYS = ["data", "evaluate", "judge", "name", "pairs", "policy", "ray", "rounds", "sampler", "seed", "train"]
+RUN_KEYS = ["data", "evaluate", "judge", "name", "next_round", "other_sampler", "pairs", "policy", "ray", "rounds", "sampler", "seed",
+            "train", "variants"]
 TRAIN_KEYS = [
     "batch_size", "dtype", "epochs", "grad_clip", "lr", "max_length", "max_steps", "method",
     "num_workers", "scenario", "seed", "use_gpu", "warmup_steps", "weight_decay",
