@@ -204,7 +204,7 @@ def judge_call(server: Server, rows: list[dict], tmp: Path, name: str, **judge) 
 
     import stages.judge
     from pipeline.config import RunConfig
-    from stages.sample.vllm import CANDIDATE_COLUMNS
+    from stages.sample.candidates import CANDIDATE_COLUMNS
 
     sample, out = tmp / name / "sample", tmp / name / "judge"
     sample.mkdir(parents=True)

@@ -22,7 +22,7 @@ one side is alive while the other runs:
   `time_taken_llm`, the latency of one request among overlapping ones, which the stage's
   postprocess drops anyway, and per batch a log line; hence the difference of two calls.)
 - **hf**: `AutoModelForCausalLM.generate` on the same chat-templated prompts (built with
-  `stages.sample.vllm.build_messages` and the tokenizer's chat template), all P prompts × n
+  `stages.sample.candidates.build_messages` and the tokenizer's chat template), all P prompts × n
   (`num_return_sequences`) in one left-padded batch, the same temperature, top_p, max_tokens, bf16
   weights, top_k off (vLLM's default; HF's would be 50), torch threads = all cores. Import and load
   are timed apart; a warm-up generate (same batch, 8 new tokens) runs before the timed one. Output
@@ -206,7 +206,7 @@ def side_vllm(args: argparse.Namespace) -> dict:
 
 def side_hf(args: argparse.Namespace) -> dict:
     from pipeline.models import resolve_model
-    from stages.sample.vllm import build_messages, stop_token_ids
+    from stages.sample.candidates import build_messages, stop_token_ids
 
     load_start = _load()
     sampler = _sampler(args)

@@ -170,6 +170,8 @@ class ReferenceSampler(Block):
     scenarios 2 and 4 (`stages/sample/reference.py`). Needs prompts with a `solution`."""
 
     type: Literal["reference"] = "reference"
+    prompt_template: str = Field(DEFAULT_PROMPT_TEMPLATE, description="set by the run: the policy sampler's, so the pair's chat is the policy's")
+    system_prompt: str | None = None
 
 
 SamplerConfig = Annotated[Union[VLLMSampler, HFSampler, OpenAISampler, ReferenceSampler], Field(discriminator="type")]
@@ -394,7 +396,9 @@ class RunConfig(Block):
         return [s for s in ("policy", "reference", "other") if s in used]
 
     def sampler_of(self, source: str) -> "SamplerConfig":
-        return {"policy": self.sampler, "other": self.other_sampler, "reference": ReferenceSampler()}[source]
+        if source == "reference":  # solutions answer the chat the policy sees
+            return ReferenceSampler(prompt_template=self.sampler.prompt_template, system_prompt=self.sampler.system_prompt)
+        return {"policy": self.sampler, "other": self.other_sampler}[source]
 
     def trains(self) -> dict[str, "TrainConfig"]:
         """Every variant's train config by name, in config order."""

@@ -15,23 +15,12 @@ from typing import Any
 import ray
 
 from pipeline.config import VLLMSampler
+from stages.sample.candidates import build_messages, finish_reason, stop_token_ids
 
 # On CPU, the stages around the engine (our pre/post-processing, ray.data.llm's chat template,
 # tokenizer, detokenizer) each reserve a whole CPU by Ray's default: with the engine's, more than
 # a 2-core node has, and the engine's placement group may never be scheduled. They are light.
 _LIGHT = {"num_cpus": 0.25}
-
-CANDIDATE_COLUMNS = (
-    "prompt_id", "candidate_id", "prompt", "messages", "solution", "answer", "response",
-    "prompt_token_ids", "response_token_ids", "prompt_tokens", "response_tokens", "finish_reason",
-    "sampler", "model", "seed",
-)  # fmt: skip
-
-
-def build_messages(sampler: VLLMSampler, question: str) -> list[dict[str, str]]:
-    """The chat the policy sees; stored with each candidate so training reuses it verbatim."""
-    messages = [{"role": "system", "content": sampler.system_prompt}] if sampler.system_prompt else []
-    return messages + [{"role": "user", "content": sampler.prompt_template.format(prompt=question)}]
 
 
 def _preprocess(row: dict[str, Any], sampler: VLLMSampler) -> dict[str, Any]:
@@ -75,27 +64,6 @@ def _postprocess(row: dict[str, Any], sampler: VLLMSampler, model_name: str, sto
     }
 
 
-def finish_reason(response_ids: list[int], stop_ids: frozenset[int], max_tokens: int) -> str:
-    """vLLM's finish reason, which `ray.data.llm` does not pass on: "stop" when the policy ended
-    on an end-of-sequence token, "length" when the token budget cut it off."""
-    if response_ids and response_ids[-1] in stop_ids:
-        return "stop"
-    return "length" if len(response_ids) >= max_tokens else "stop"
-
-
-def stop_token_ids(model_path: str) -> frozenset[int]:
-    """The ids vLLM stops on: the tokenizer's EOS and the generation config's `eos_token_id`(s)."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    ids = {AutoTokenizer.from_pretrained(model_path).eos_token_id}
-    try:
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:  # no generation_config.json
-        eos = None
-    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    return frozenset(i for i in ids if i is not None)
-
-
 def processor_config(sampler: VLLMSampler, model_path: str):
     from ray.data.llm import vLLMEngineProcessorConfig
 
@@ -107,6 +75,7 @@ def processor_config(sampler: VLLMSampler, model_path: str):
         tensor_parallel_size=sampler.tensor_parallel_size,
         seed=sampler.seed,
         enable_prefix_caching=True,
+        **sampler.engine_kwargs,  # the user's word wins
     )
     # vLLM logs every engine start at INFO, and a warning per weight when an fp32 checkpoint is
     # loaded in bf16: `sampler.engine_log_level` (default "error") keeps a run's output readable.
@@ -126,6 +95,7 @@ def processor_config(sampler: VLLMSampler, model_path: str):
         # The metrics exporter needs Ray Serve's extras; without them the engine actor dies.
         log_engine_metrics=False,
         engine_kwargs=engine_kwargs,
+        accelerator_type=sampler.accelerator_type,
         **extra,
     )
 

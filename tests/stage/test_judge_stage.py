@@ -14,7 +14,7 @@ import pytest
 import stages.judge
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
-from stages.sample.vllm import CANDIDATE_COLUMNS
+from stages.sample.candidates import CANDIDATE_COLUMNS
 
 GAIN = (
     "Tom has 5 apples. Tom gets 3 more and then gives 2 to a friend. How many apples does Tom have now?",

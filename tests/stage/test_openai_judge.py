@@ -31,7 +31,7 @@ from pipeline.runner import STAGES, Runner
 from stages.judge.cache import JudgeCache
 from stages.judge.openai import preflight, row_messages
 from stages.judge.rubric import load_rubric
-from stages.sample.vllm import CANDIDATE_COLUMNS
+from stages.sample.candidates import CANDIDATE_COLUMNS
 from tests.conftest import JUDGE_KEY_ENV
 from tests.fakes.openai_server import FakeOpenAI, row_key
 

@@ -18,7 +18,7 @@ import stages.judge
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from stages.judge.reward_model import rank_scores, threshold_scores
-from stages.sample.vllm import CANDIDATE_COLUMNS
+from stages.sample.candidates import CANDIDATE_COLUMNS
 
 SYSTEM = {"role": "system", "content": "Solve it step by step."}
 QUESTIONS = {

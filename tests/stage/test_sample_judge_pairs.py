@@ -40,7 +40,7 @@ def sampled(cfg, tiny_llama, ray_local, tmp_path_factory) -> Path:
 def test_sample_writes_n_candidates_per_prompt_with_all_columns(sampled, cfg, tiny_llama):
     df = pd.read_parquet(sampled)
     assert len(df) == N_PROMPTS * N
-    assert set(stages.sample.vllm.CANDIDATE_COLUMNS) <= set(df.columns)
+    assert set(stages.sample.candidates.CANDIDATE_COLUMNS) <= set(df.columns)
     assert not df.duplicated(["prompt_id", "candidate_id"]).any()
     assert sorted(df.groupby("prompt_id").size().unique()) == [N]
     assert set(df.candidate_id) == set(range(N))
