@@ -47,6 +47,9 @@ class BuiltinMathData(Block):
     type: Literal["builtin_math"] = "builtin_math"
     num_train: int = Field(64, ge=1)
     num_eval: int = Field(32, ge=1)
+    levels: list[Literal[1, 2, 3]] = Field(
+        [1, 2, 3], min_length=1, description="difficulty levels to draw from (pipeline/data.py: the embedded policy's solve rate per level)"
+    )
     seed: int = 0
 
 
