@@ -21,11 +21,13 @@ examples:
   python -m pipeline run configs/default.yaml
   python -m pipeline run configs/tiny.yaml train.lr=1e-5 sampler.n=4 --run-dir runs/try
   python -m pipeline stage judge configs/default.yaml          # one stage, on existing inputs
+  python -m pipeline stage train configs/scenarios.yaml --part s2   # one variant's training
   python -m pipeline report configs/default.yaml
   python -m pipeline compare-judges configs/default.yaml --judge verifier.yaml --judge gpt4o.yaml --limit 20
 
 Finished stages are skipped when their config and inputs are unchanged, so rerunning a killed
-run resumes it. The run directory holds round-K/<stage>/ folders and report/report.md.
+run resumes it. The run directory holds round-K/<stage>/<part>/ folders (sample/policy,
+pairs/s1, train/s1, evaluate/s1, ...) and report/report.md.
 """
 
 
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=STAGE_NAMES, help="the stage to run")
     common(stage)
     stage.add_argument("--round", type=int, default=0, help="which round (default 0)")
+    stage.add_argument("--part", default=None, metavar="PART",
+                       help="only this part: a source for sample and judge (policy, reference, other), a variant for "
+                       "train and evaluate (or `policy`: evaluate the round's policy); default: every part")
     stage.add_argument("--force", action="store_true", help="run even if the stage is up to date")
     report = sub.add_parser("report", help="(re)write report/report.md from the finished stages")
     common(report)
@@ -124,9 +129,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not 0 <= args.round < cfg.rounds:
             raise UserError(f"--round {args.round}: this config has rounds 0..{cfg.rounds - 1}")
         runner.preflight((args.name,))
-        out = runner.run_stage(args.name, args.round, force=args.force)
+        outs = runner.run_stage(args.name, args.round, force=args.force, part=args.part)
         runner.save_config()  # after the input checks: a refused stage leaves the run's config as it was
-        print(out)
+        print("\n".join(map(str, outs)))
         return 0
     else:
         from pipeline.report import write_report
@@ -135,5 +140,5 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.report import headline
 
     print(f"\nreport: {report}\n")
-    print(headline(run_dir, cfg.rounds))
+    print(headline(run_dir, cfg))
     return 0

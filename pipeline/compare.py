@@ -91,9 +91,9 @@ def judge_names(paths: Sequence[str | Path]) -> tuple[str, str]:
 
 # ── the candidates ───────────────────────────────────────────────────────────────────────────
 def finished_sample(run_dir: Path, round_: int, config_path: str) -> Path:
-    folder = stage_dir(run_dir, round_, "sample")
+    folder = stage_dir(run_dir, round_, "sample") / "policy"  # the policy's candidates
     if read_manifest(folder) is None:
-        refresh = f"python -m pipeline stage sample {config_path}" + (f" --round {round_}" if round_ else "")
+        refresh = f"python -m pipeline stage sample {config_path} --part policy" + (f" --round {round_}" if round_ else "")
         raise UserError(f"compare-judges scores the candidates in {folder}, which is not finished: run `{refresh}` first "
                         "(with the same --run-dir)")  # fmt: skip
     return folder

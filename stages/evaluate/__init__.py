@@ -1,14 +1,19 @@
-"""evaluate: the round's starting policy ("before") against its checkpoint ("after").
+"""evaluate: the round's policy and each variant's checkpoint on held-out prompts, and how
+the training pairs' log-probs moved.
 
-- Held-out prompts: one greedy answer per prompt from each model (the vLLM sampler with n=1,
-  temperature 0), scored by the run's judge. Reported as the paper's "5 points" (share scoring
-  5) and "4&5 points" (share scoring 4 or 5), plus the mean score and answer length.
-- Log-probs: mean logp of the chosen and rejected responses of the training pairs under both
-  models (3D-properties, Table 1): DPO should raise chosen against rejected, and the drop of
-  logp(rejected) shows how far training went into "unlearning".
+The runner runs it once for the round's policy (`round-K/evaluate/policy/`, the "base model"
+row of the paper's Table 2) and once per variant (`round-K/evaluate/<variant>/`):
+- Held-out prompts: one greedy answer per prompt (the evaluate sampler, by default the run's,
+  with n=1, temperature 0), scored by the run's judge. Reported as the paper's "5 points" (share
+  scoring 5) and "4&5 points" (share scoring 4 or 5), plus the mean score and answer length.
+- Log-probs (variants only): the mean log-prob of the chosen and rejected responses of the
+  variant's training pairs under the round's policy ("before") and the checkpoint ("after"), per
+  sequence and per token (3D-properties, Table 1): DPO should raise chosen against rejected, and
+  the drop of logp(rejected) shows how far training went into "unlearning"; "before" shows how
+  on-policy each scenario's data is.
 
-Writes `generations.parquet` (judged answers of both models), `logps.parquet` and
-`summary.json` with one entry per model; the `side` column says "before" or "after".
+Writes `generations.parquet` (judged answers), `summary.json`, and for a variant
+`logps.parquet` (one row per pair and side, `side` "before" or "after").
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from pipeline.errors import UserError
 from stages.evaluate.logps import pair_logps
 from stages.judge import judge_dataset
 from stages.judge import preflight as judge_preflight
-from stages.sample import vllm
 from stages.train import reference_batches_for
 
 
@@ -55,39 +59,61 @@ def preflight(cfg: RunConfig) -> None:
         )
 
 
-def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
-    prompts = load_prompts(cfg.data, "eval")[: cfg.evaluate.num_prompts]
-    greedy = cfg.sampler.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.evaluate.max_tokens})
-    models = {"before": (inputs["policy"], inputs["policy_name"]), "after": (str(Path(inputs["train"]) / "checkpoint"), "checkpoint")}
-    pairs_file = Path(inputs["pairs"]) / f"s{cfg.train.scenario}" / "pairs.parquet"
+def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Path) -> tuple[pd.DataFrame, dict]:
+    """Greedy answers of one model to the held-out prompts, judged: (answers, their summary)."""
+    import importlib
 
+    from stages.sample import PLUGINS
+
+    prompts = load_prompts(cfg.data, "eval")[: cfg.evaluate.num_prompts]
+    sampler = cfg.evaluate.sampler or cfg.sampler
+    greedy = sampler.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.evaluate.max_tokens})
+    raw = out / ".raw"
+    importlib.import_module(PLUGINS[greedy.type]).generate(greedy, model_path, model_name, prompts, raw)
+    judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
+    shutil.rmtree(raw, ignore_errors=True)
+    summary = {"model": model_name, "prompts": len(prompts), **score_summary(judged["score"]),
+               "response_tokens": float(judged["response_tokens"].mean())}
+    # the text is what a reader compares; the chat and token ids are in the sample stage
+    return judged.drop(columns=["messages", "prompt_token_ids", "response_token_ids"]), summary
+
+
+def logp_summary(lp: pd.DataFrame) -> dict[str, float]:
+    """Mean per-sequence and per-token log-probs of chosen and rejected (Table 1's numbers)."""
+    return {
+        "logps/chosen": float(lp["logps_chosen"].mean()),
+        "logps/rejected": float(lp["logps_rejected"].mean()),
+        "logps_per_token/chosen": float((lp["logps_chosen"] / lp["tokens_chosen"]).mean()),
+        "logps_per_token/rejected": float((lp["logps_rejected"] / lp["tokens_rejected"]).mean()),
+    }
+
+
+def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
+    if "train" not in inputs:  # the round's own policy: the base row the variants are compared with
+        judged, summary = held_out(cfg, inputs["policy"], inputs["policy_name"], out)
+        judged.to_parquet(out / "generations.parquet", index=False)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return {"prompts": summary["prompts"], "rows": len(judged), "summary": summary}
+
+    checkpoint = str(Path(inputs["train"]) / "checkpoint")
+    name = f"{Path(inputs['train']).parent.parent.name}/{Path(inputs['train']).name}"  # round-K/<variant>
+    pairs_file = Path(inputs["pairs"]) / f"s{cfg.train.scenario}" / "pairs.parquet"
     # Training's precision policy, in the reference pass's batches and on a training worker's
-    # threads: "before" is, bit for bit, the train stage's reference_logps.parquet. The two
-    # models' passes run side by side, one CPU each, before the engines start.
+    # threads: "before" is, bit for bit, the train stage's reference_logps.parquet when the
+    # reference is the round's policy. Both passes run side by side, one CPU each, before the
+    # engine starts.
     ref_batches = reference_batches_for(pq.read_metadata(pairs_file).num_rows, cfg.train)
-    logp_refs = {name: pair_logps.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs,
+    models = {"before": inputs["policy"], "after": checkpoint}
+    logp_refs = {side: pair_logps.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs,
                                          cfg.train.dtype, batches=ref_batches)
-                 for name, (path, _) in models.items()}  # fmt: skip
-    logps = {name: ray.get(ref) for name, ref in logp_refs.items()}
-    generations, summary = [], {}
-    for name, (path, display) in models.items():
-        raw = out / f".raw-{name}"
-        vllm.generate(greedy, path, display, prompts, raw)
-        judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
-        judged.insert(0, "side", name)
-        # the text is what a reader compares; the chat and token ids are in the sample stage
-        generations.append(judged.drop(columns=["messages", "prompt_token_ids", "response_token_ids"]))
-        lp = logps[name]
-        lp.insert(0, "side", name)
-        summary[name] = {
-            "model": display,
-            **score_summary(judged["score"]),
-            "response_tokens": float(judged["response_tokens"].mean()),
-            "logps/chosen": float(lp["logps_chosen"].mean()),
-            "logps/rejected": float(lp["logps_rejected"].mean()),
-        }
-        shutil.rmtree(raw, ignore_errors=True)
-    pd.concat(generations, ignore_index=True).to_parquet(out / "generations.parquet", index=False)
+                 for side, path in models.items()}  # fmt: skip
+    logps = {side: ray.get(ref).assign(side=side) for side, ref in logp_refs.items()}
+    judged, summary = held_out(cfg, checkpoint, name, out)
+    summary |= {"variant": Path(inputs["train"]).name, "scenario": cfg.train.scenario, "method": cfg.train.method.type,
+                "pairs": int(pq.read_metadata(pairs_file).num_rows),
+                "before": {"model": inputs["policy_name"], **logp_summary(logps["before"])},
+                "after": {"model": name, **logp_summary(logps["after"])}}  # fmt: skip
+    judged.to_parquet(out / "generations.parquet", index=False)
     pd.concat(logps.values(), ignore_index=True).to_parquet(out / "logps.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"prompts": len(prompts), "rows": len(prompts) * len(models), "summary": summary}
+    return {"prompts": summary["prompts"], "rows": len(judged), "summary": summary}

@@ -65,4 +65,6 @@ def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | N
         "prompt_id": [rows[i]["prompt_id"] for i in range(wanted)],
         "logps_chosen": [logps[i][0] for i in range(wanted)],
         "logps_rejected": [logps[i][1] for i in range(wanted)],
+        "tokens_chosen": [len(pairs[i].chosen) for i in range(wanted)],
+        "tokens_rejected": [len(pairs[i].rejected) for i in range(wanted)],
     })  # fmt: skip

@@ -1,5 +1,10 @@
 """train: Ray Train workers run FSDP2 preference optimisation on one scenario's pairs.
 
+The runner runs it once per variant (`round-K/train/<variant>/`), handing it a config whose
+`train` is the variant's; it starts from the round's policy (`inputs["policy"]`) and measures
+rewards against `inputs["ref_model"]` (the same model, or the run's initial policy when
+`next_round.ref_model: initial`).
+
 Writes into the stage folder:
 - `checkpoint/`: a plain HF folder (the config as loaded: dropout is switched off for training
   only, never in the saved config);
@@ -67,7 +72,8 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "policy": inputs["policy"], "pairs": str(pairs_file), "out": str(out),
+            "policy": inputs["policy"], "ref_model": inputs.get("ref_model", inputs["policy"]),
+            "pairs": str(pairs_file), "out": str(out),
             "train": tc.model_dump(mode="json"), "batch_size": batch_size,
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,

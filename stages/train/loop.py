@@ -6,7 +6,9 @@ Every worker runs `train_loop`. The recipe:
    `stages/train/precision.py`;
 2. reference pass: before any update the policy *is* the reference, so its log-probs of every
    pair are computed once, under no_grad, in the first epoch's batches, and all-gathered (no
-   reference model in memory during training); rank 0 writes them to `reference_logps.parquet`;
+   reference model in memory during training); rank 0 writes them to `reference_logps.parquet`.
+   A reference other than the starting policy (round k > 0 with `next_round.ref_model:
+   initial`) is loaded the same way for that pass only, then freed;
 3. for each global batch of `batch_size` pairs, worker r takes its contiguous share, computes the
    objective's mean over that share and backpropagates; FSDP averages the gradients over
    workers, so the update equals the single-process update on the whole global batch;
@@ -197,7 +199,8 @@ def save_hf_checkpoint(model, tokenizer, out_dir: Path) -> None:
 
 # ── the worker loop ──────────────────────────────────────────────────────────────────────────
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point. config: policy (path), pairs (parquet), out (folder), train (TrainConfig dict)."""
+    """Ray Train entry point. config: policy (path), ref_model (path, default the policy), pairs (parquet), out
+    (folder), train (TrainConfig dict), batch_size."""
     import pyarrow.parquet as pq
     import ray.train
     import ray.train.torch
@@ -213,15 +216,21 @@ def train_loop(config: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(config["policy"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = load_policy(config["policy"], cfg.dtype, device)
     rows = pq.read_table(config["pairs"]).to_pylist()
     pairs = [tokenize_pair(tokenizer, row, cfg.max_length) for row in rows]
     objective = objective_for(cfg.method)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
     share = batch_size // world
-    ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device, epoch_order(len(pairs), cfg.seed, 0))
+    first_order = epoch_order(len(pairs), cfg.seed, 0)
+    ref_path = config.get("ref_model", config["policy"])
+    if ref_path != config["policy"]:
+        reference = load_policy(ref_path, cfg.dtype, device)
+        ref_chosen, ref_rejected = reference_logps(reference, pairs, pad_id, share, device, first_order)
+        del reference
+    model = load_policy(config["policy"], cfg.dtype, device)
+    if ref_path == config["policy"]:
+        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device, first_order)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if rank == 0:
         write_reference_logps(out / "reference_logps.parquet", [row["prompt_id"] for row in rows], ref_chosen, ref_rejected)
     schedule = batch_schedule(len(pairs), batch_size, cfg.epochs, cfg.seed, cfg.max_steps)

@@ -33,7 +33,7 @@ def _known_scores() -> dict[tuple[str, int], int]:
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     """A run directory whose round-0 sample folder is finished (it has its manifest)."""
-    with atomic_dir(stage_dir(tmp_path / "run", 0, "sample"), {"stage": "sample", "round": 0, "key": "hand-made"}) as tmp:
+    with atomic_dir(stage_dir(tmp_path / "run", 0, "sample") / "policy", {"stage": "sample", "round": 0, "key": "hand-made"}) as tmp:
         write_candidates(tmp)
     return tmp_path / "run"
 

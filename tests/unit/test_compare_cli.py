@@ -59,7 +59,7 @@ def test_missing_candidates_name_the_sample_stage_to_run_first(tmp_path, capsys)
     b = _judge_file(tmp_path, "gpt4o.yaml", "type: openai\nmodel: gpt-4o\n")
     assert _compare(tmp_path, a, b) == 2
     err = capsys.readouterr().err
-    assert f"round-0/sample, which is not finished: run `python -m pipeline stage sample {TINY}` first" in err
+    assert f"round-0/sample/policy, which is not finished: run `python -m pipeline stage sample {TINY} --part policy` first" in err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists(), "nothing is written before the inputs check out"
 

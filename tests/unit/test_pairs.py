@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import PairsConfig
-from stages.pairs import PAIR_COLUMNS, _pairs_of_group, pick, select_pair, drop_counts
+from stages.pairs import PAIR_COLUMNS, drop_counts, pick, scenario_pairs, select_pair
 
 
 def _messages(prompt_id: str) -> list[dict[str, str]]:
@@ -145,21 +145,16 @@ def test_min_margin():
     assert pair is not None and (pair["chosen_score"], pair["rejected_score"]) == (3.0, 1.0)
 
 
-def test_pairs_of_group_with_arrow_like_rows():
-    """Ray hands groups over as pandas frames whose list cells are numpy arrays."""
-    rows = _cands("g", {0: 1, 1: 4, 2: 2})
+def test_scenario_pairs_read_arrow_like_rows():
+    """Parquet hands list cells over as numpy arrays; the pair holds plain lists of dicts."""
+    rows = _cands("g", {0: 1, 1: 4, 2: 2}) + _cands("g2", {0: 2, 1: 2})
     frame = pd.DataFrame(rows)
     frame["messages"] = [np.array(r["messages"], dtype=object) for r in rows]
-    out = _pairs_of_group(frame, PairsConfig())
-    assert list(out.columns) == PAIR_COLUMNS
-    assert len(out) == 1
-    row = out.iloc[0]
-    assert list(row["prompt"]) == _messages("g")
-    assert (row["chosen_candidate_id"], row["rejected_candidate_id"]) == (1, 0)
-
-    uniform = pd.DataFrame(_cands("g2", {0: 2, 1: 2}))
-    empty = _pairs_of_group(uniform, PairsConfig())
-    assert list(empty.columns) == PAIR_COLUMNS and len(empty) == 0
+    pairs, dropped = scenario_pairs({"policy": frame}, 1, PairsConfig())
+    assert len(pairs) == 1 and list(pairs[0]) == PAIR_COLUMNS
+    assert pairs[0]["prompt"] == _messages("g")
+    assert (pairs[0]["chosen_candidate_id"], pairs[0]["rejected_candidate_id"]) == (1, 0)
+    assert dropped == {"dropped_uniform": 1, "dropped_unscored": 0, "dropped_margin": 0}
 
 
 def test_pairs_carry_each_sides_sampled_ids_and_finish_reason():
@@ -183,6 +178,72 @@ def test_prompts_dropped_as_uniform_and_by_min_margin_are_counted_apart():
         columns=["prompt_id", "score"],
     )
     cfg = PairsConfig(min_margin=2)
-    kept = sum(len(_pairs_of_group(pd.DataFrame(_cands(p, dict(enumerate(g.score)))), cfg)) for p, g in scores.groupby("prompt_id"))
+    frame = pd.concat([pd.DataFrame(_cands(p, dict(enumerate(g.score)))) for p, g in scores.groupby("prompt_id")])
+    pairs, dropped = scenario_pairs({"policy": frame}, 1, cfg)
+    kept = len(pairs)
+    assert dropped == {"dropped_uniform": 2, "dropped_unscored": 1, "dropped_margin": 1}
     assert kept == 2  # "wide" and "two-left": an unscored candidate takes no part, the two scored ones pair
     assert drop_counts(scores, kept) == {"dropped_uniform": 2, "dropped_unscored": 1, "dropped_margin": 1}
+
+
+# ── the four scenarios ─────────────────────────────────────────────────────────────────────────
+def _source(name: str, scores: dict[str, dict[int, float | None]]) -> pd.DataFrame:
+    """A source's judged candidates: per prompt, candidate_id → score; the text names the source."""
+    rows = []
+    for prompt_id, by_id in scores.items():
+        for cid, score in by_id.items():
+            rows.append({"prompt_id": prompt_id, "candidate_id": cid, "score": score, "messages": _messages(prompt_id),
+                         "response": f"{name} #{cid} of {prompt_id}", "model": f"model-of-{name}",
+                         "response_token_ids": None if name == "reference" else [cid, 2], "finish_reason": "stop"})
+    return pd.DataFrame(rows)
+
+
+SOURCES = {
+    "policy": _source("policy", {"a": {0: 5, 1: 3, 2: 1}, "b": {0: 4, 1: 4}, "c": {0: 2, 1: 2}, "d": {0: 5, 1: None}}),
+    "reference": _source("reference", {"a": {0: 5}, "b": {0: 5}, "c": {0: 1}, "d": {0: None}}),
+    "other": _source("other", {"a": {0: 2, 1: 1, 2: 1}, "b": {0: 4, 1: 5}, "c": {0: 1, 1: 1}, "d": {0: 1}}),
+}
+
+
+@pytest.mark.parametrize(
+    "scenario, kept, dropped",
+    [
+        # a: 5 vs 1; b: uniform 4s; c: uniform 2s; d: one scored candidate
+        (1, {"a": ((0, 5), (2, 1))}, {"dropped_uniform": 2, "dropped_unscored": 1, "dropped_margin": 0}),
+        # solution (5) vs the policy's worst: a 5>1, b 5>4, c 1<2 (the judge faults the solution), d unscored
+        (2, {"a": ((0, 5), (2, 1)), "b": ((0, 5), (0, 4))}, {"dropped_uniform": 1, "dropped_unscored": 1, "dropped_margin": 0}),
+        # the policy's best vs the other model's worst: a 5>1 (tie of 1s: lowest id), b 4=4 none, c 2>1, d 5>1
+        (3, {"a": ((0, 5), (1, 1)), "c": ((0, 2), (0, 1)), "d": ((0, 5), (0, 1))},
+         {"dropped_uniform": 1, "dropped_unscored": 0, "dropped_margin": 0}),
+        # solution vs the other model's worst: a 5>1, b 5>4, c 1=1 none, d unscored solution
+        (4, {"a": ((0, 5), (1, 1)), "b": ((0, 5), (0, 4))}, {"dropped_uniform": 1, "dropped_unscored": 1, "dropped_margin": 0}),
+    ],
+)
+def test_each_scenario_pairs_its_two_sources(scenario, kept, dropped):
+    chosen_source, rejected_source = {1: ("policy", "policy"), 2: ("reference", "policy"), 3: ("policy", "other"),
+                                      4: ("reference", "other")}[scenario]
+    pairs, counts = scenario_pairs(SOURCES, scenario, PairsConfig())
+    assert counts == dropped
+    assert {p["prompt_id"]: ((p["chosen_candidate_id"], p["chosen_score"]), (p["rejected_candidate_id"], p["rejected_score"]))
+            for p in pairs} == kept
+    for p in pairs:
+        assert p["scenario"] == scenario
+        assert (p["chosen_source"], p["rejected_source"]) == (chosen_source, rejected_source)
+        assert p["chosen"][0]["content"].startswith(chosen_source) and p["rejected"][0]["content"].startswith(rejected_source)
+        assert (p["chosen_model"], p["rejected_model"]) == (f"model-of-{chosen_source}", f"model-of-{rejected_source}")
+        assert p["chosen_score"] > p["rejected_score"]
+        assert p["prompt"] == _messages(p["prompt_id"])
+        # a dataset solution has no sampled ids: training tokenizes its text
+        assert (p["chosen_token_ids"] is None) == (chosen_source == "reference")
+
+
+def test_a_cross_source_gap_below_min_margin_is_dropped_as_margin():
+    pairs, counts = scenario_pairs(SOURCES, 2, PairsConfig(min_margin=2))
+    assert [p["prompt_id"] for p in pairs] == ["a"]  # b: 5 vs 4 is a contrast below 2
+    assert counts == {"dropped_uniform": 1, "dropped_unscored": 1, "dropped_margin": 1}
+
+
+def test_random_ties_in_a_cross_source_pair_are_seeded_per_prompt():
+    cfg = PairsConfig(tie_break="random", seed=1)
+    picks = {scenario_pairs(SOURCES, 3, cfg)[0][0]["rejected_candidate_id"] for _ in range(3)}
+    assert len(picks) == 1 and picks <= {1, 2}  # a's other-model 1s tie: one seeded draw, the same every time
