@@ -65,26 +65,26 @@ def run_dir(tmp_path_factory) -> Path:
 def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     round0 = run_dir / "round-0"
     # 1. kill it while train runs
-    _kill_when(_cli(run_dir), lambda: any(round0.glob(".train.tmp-*")))
+    _kill_when(_cli(run_dir), lambda: any((round0 / "train").glob(".s1.tmp-*")))
     assert (round0 / "pairs" / "_manifest.json").is_file()
-    assert not (round0 / "train").exists(), "a killed stage must not leave a finished-looking folder"
-    sample_manifest = json.loads((round0 / "sample" / "_manifest.json").read_text())
+    assert not (round0 / "train" / "s1").exists(), "a killed stage must not leave a finished-looking folder"
+    sample_manifest = json.loads((round0 / "sample" / "policy" / "_manifest.json").read_text())
 
     # 2. resume
     result = _run(_cli(run_dir))
     assert result.returncode == 0, result.stderr[-4000:]
     log = result.stderr
-    for stage in ("sample", "judge", "pairs"):
-        assert f"round 0 {stage}: up to date" in log
-    assert "round 0 train: running" in log
-    assert not list(round0.glob(".*.tmp-*")), "temporary folders left behind"
-    assert json.loads((round0 / "sample" / "_manifest.json").read_text()) == sample_manifest
+    for node in ("sample/policy", "judge/policy", "pairs"):
+        assert f"round 0 {node}: up to date" in log
+    assert "round 0 train/s1: running" in log
+    assert not list(round0.rglob(".*.tmp-*")), "temporary folders left behind"
+    assert json.loads((round0 / "sample" / "policy" / "_manifest.json").read_text()) == sample_manifest
 
     # 3. artifacts
-    candidates = pd.read_parquet(round0 / "sample")
+    candidates = pd.read_parquet(round0 / "sample" / "policy")
     assert len(candidates) == 8 * 4 == sample_manifest["stats"]["rows"]
     assert not candidates.duplicated(["prompt_id", "candidate_id"]).any()
-    judged = pd.read_parquet(round0 / "judge")
+    judged = pd.read_parquet(round0 / "judge" / "policy")
     assert len(judged) == len(candidates) and judged.score.between(1, 5).all()
 
     pairs_manifest = json.loads((round0 / "pairs" / "_manifest.json").read_text())
@@ -98,7 +98,7 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     assert all(is_conversational(p) for p in pairs)
     assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
 
-    train = round0 / "train"
+    train = round0 / "train" / "s1"
     metrics = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
     train_manifest = json.loads((train / "_manifest.json").read_text())
     assert len(metrics) == train_manifest["stats"]["steps"] >= 1
@@ -116,14 +116,15 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     assert torch.isfinite(model(ids).logits).all()
     assert sum(p.numel() for p in model.parameters()) > 100e6  # the real 135M model, not a stub
 
-    summary = json.loads((round0 / "evaluate" / "summary.json").read_text())
-    assert set(summary) == {"before", "after"}
-    for side in summary.values():
+    base = json.loads((round0 / "evaluate" / "policy" / "summary.json").read_text())
+    summary = json.loads((round0 / "evaluate" / "s1" / "summary.json").read_text())
+    assert (summary["variant"], summary["scenario"], summary["model"]) == ("s1", 1, "round-0/s1")
+    for side in (base, summary):
         assert 0 <= side["5_points"] <= side["4&5_points"] <= 1
-    generations = pd.read_parquet(round0 / "evaluate" / "generations.parquet")
-    assert len(generations) == 2 * 4  # 4 held-out prompts, before and after
+    for name in ("policy", "s1"):  # 4 held-out prompts, one greedy answer each
+        assert len(pd.read_parquet(round0 / "evaluate" / name / "generations.parquet")) == 4
     # evaluate's "before" logps are the reference logps training saw at step 1
-    logps = pd.read_parquet(round0 / "evaluate" / "logps.parquet")
+    logps = pd.read_parquet(round0 / "evaluate" / "s1" / "logps.parquet")
     before = logps[logps.side == "before"].set_index("prompt_id")
     reference = pd.read_parquet(train / "reference_logps.parquet").set_index("prompt_id")
     assert sorted(before.index) == sorted(reference.index) == sorted(p["prompt_id"] for p in pairs)
@@ -134,14 +135,14 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     after = logps[logps.side == "after"].set_index("prompt_id")
     assert (after.logps_chosen - before.logps_chosen).abs().max() > 1e-3, "training moved nothing"
     report = (run_dir / "report" / "report.md").read_text()
-    assert "5 points" in report and "| base |" in report and "round-0 checkpoint" in report
+    assert "5 points" in report and "base model" in report and "round-0/s1" in report
     assert (run_dir / "report" / "train_curves.png").stat().st_size > 5000
-    assert "report:" in result.stdout and "| base |" in result.stdout
+    assert "report:" in result.stdout and "base model" in result.stdout
 
     # 4. nothing left to do
     again = _run(_cli(run_dir))
     assert again.returncode == 0
-    assert again.stderr.count("up to date") == 5
+    assert again.stderr.count("up to date") == 6  # sample, judge, pairs, train, evaluate of the policy and of s1
 
     # 5. an edit of pairs.* makes the pairs stale: training alone refuses them and says what to run
     stale = _run([sys.executable, "-m", "pipeline", "stage", "train", str(TINY), "pairs.min_margin=2",
@@ -199,7 +200,7 @@ def test_compare_judges_on_the_runs_candidates_with_vllms_server_as_the_rubric_j
     assert "Traceback" not in result.stderr
     out = run_dir / "compare-judges" / "verifier-vs-smollm2"
     scores = pd.read_parquet(out / "scores.parquet")
-    candidates = pd.read_parquet(run_dir / "round-0" / "sample")
+    candidates = pd.read_parquet(run_dir / "round-0" / "sample" / "policy")
     assert sorted(zip(scores.prompt_id, scores.candidate_id)) == sorted(zip(candidates.prompt_id, candidates.candidate_id))
     # every row scored by the 135M judge, or kept unscored with the reason
     judged = scores.score_smollm2.notna()

@@ -98,7 +98,7 @@ def test_pairs_from_hand_scored_candidates(sampled, cfg, tmp_path, ray_local):
     df.to_parquet(judged / "scored.parquet")
     out = tmp_path / "pairs"
     out.mkdir()
-    stats = stages.pairs.run(cfg, {"judge": str(judged)}, out)
+    stats = stages.pairs.run(cfg, {"judge/policy": str(judged)}, out)
     assert stats["s1"] == {"pairs": 4, "dropped_uniform": 1, "dropped_margin": 1, "dropped_unscored": 0}
     pairs = pq.read_table(out / "s1" / "pairs.parquet").to_pylist()
     assert [p["prompt_id"] for p in pairs] == [prompt_ids[i] for i in (0, 1, 3, 4)]

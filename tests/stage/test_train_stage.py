@@ -156,3 +156,34 @@ def test_one_pair_for_two_workers_is_a_user_error(tiny_llama, ray_local, tmp_pat
     with pytest.raises(UserError, match="1 preference pair"):
         run(cfg, {"policy": str(tiny_llama), "pairs": str(pairs)}, out)
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_reference_model_other_than_the_policy_sets_the_rewards(tiny_llama, ray_local, tmp_path):
+    """`next_round.ref_model: initial` in round k > 0: π_ref is another model than the one training
+    starts from. Its log-probs (an independent float32 forward here) are the reference, so step 1
+    is no longer "policy = reference": the margin is the two models' difference, not 0."""
+    from tests.conftest import build_tiny_llama
+    from stages.evaluate.logps import pair_logps
+    from stages.train import run
+
+    reference = build_tiny_llama(tmp_path / "reference", seed=1)
+    pairs = _write_pairs(tmp_path, 4)
+    cfg = RunConfig.model_validate(
+        {"policy": str(tiny_llama), "train": {"batch_size": 4, "num_workers": 2, "max_steps": 1, "dtype": "float32", "lr": 1e-9}}
+    )
+    out = tmp_path / "train"
+    out.mkdir()
+    run(cfg, {"policy": str(tiny_llama), "ref_model": str(reference), "pairs": str(pairs)}, out)
+
+    ref = pd.read_parquet(out / "reference_logps.parquet")
+    import ray
+
+    expected = ray.get(pair_logps.remote(str(reference), str(pairs / "s1" / "pairs.parquet"), 512, None, "float32"))
+    policy = ray.get(pair_logps.remote(str(tiny_llama), str(pairs / "s1" / "pairs.parquet"), 512, None, "float32"))
+    assert ref.ref_chosen_logps.to_numpy() == pytest.approx(expected.logps_chosen.to_numpy(), abs=1e-4)
+    assert ref.ref_rejected_logps.to_numpy() == pytest.approx(expected.logps_rejected.to_numpy(), abs=1e-4)
+    assert (ref.ref_chosen_logps - policy.logps_chosen).abs().max() > 0.1  # the two models differ
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    beta = cfg.train.method.beta
+    margins = beta * ((policy.logps_chosen - expected.logps_chosen) - (policy.logps_rejected - expected.logps_rejected))
+    assert first["rewards/margins"] == pytest.approx(float(margins.mean()), abs=1e-4)
