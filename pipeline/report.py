@@ -1,18 +1,28 @@
-"""report/report.md: the headline table, data statistics and plots, from finished stages only.
+"""report/report.md: what a run did and how it turned out, from finished stages only.
 
 Reads what the stages wrote (manifests, `metrics.jsonl`, `summary.json`) and never re-runs
-anything, so `python -m pipeline report CONFIG` is instant and works on a partial run.
+anything, so `python -m pipeline report CONFIG` is instant and works on a partial run: what is
+not written yet is a "-" in its cells. `load_run` is the only reader of the run folder; tables
+and plots are built from the `RunData` it returns.
+
+Sections: the config in brief; held-out evaluation (3D-properties Table 2: each round's policy,
+then its variants' checkpoints); how on-policy the data is (Table 1: the training pairs'
+log-probs under the round's policy and under each checkpoint); data (candidates, scores, pairs,
+an API judge's requests and cost); training curves; judge agreement.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from pipeline.artifacts import atomic_write_text, read_manifest, stage_dir
-from pipeline.config import RunConfig
+from pipeline.config import SCENARIO_SOURCES, RunConfig
 
 # logps/* vary with each batch's pairs; rewards/* = β·(logp − ref_logp) show the drift from the
 # reference on the same pairs, where a drastic drop of the rejected side is easiest to see.
@@ -23,6 +33,28 @@ TRAIN_CURVES = (
     ("rewards/margins", "rewards/accuracies"),
 )
 
+# evaluate's part for the round's own policy (`round-K/evaluate/policy/`); variants use their names
+POLICY = "policy"
+
+# who writes a side of a pair, in the words of the scenario names
+SOURCE_NAMES = {"policy": "policy", "reference": "solution", "other": "other model"}
+
+# train keys that say which data and how it runs, not how it learns: not listed as hyper-parameters
+_NOT_HYPER = ("scenario", "method", "num_workers", "use_gpu")
+
+
+# ── reading the run folder: the only reads ───────────────────────────────────────────────────
+@dataclass
+class RunData:
+    """What the finished parts of the config's rounds wrote; a key is absent where nothing was."""
+
+    rounds: list[int]
+    sample: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, source) → manifest stats
+    judge: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, source) → manifest stats
+    pairs: dict[int, dict] = field(default_factory=dict)  # round → manifest stats
+    metrics: dict[tuple[int, str], list[dict]] = field(default_factory=dict)  # (round, variant) → a dict per step
+    evals: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, "policy" | variant) → summary.json
+
 
 def _rounds(run_dir: Path, rounds: int) -> list[int]:
     """The config's rounds that have a folder: a round dropped from the config (`rounds` lowered)
@@ -30,42 +62,302 @@ def _rounds(run_dir: Path, rounds: int) -> list[int]:
     return [r for r in range(rounds) if (Path(run_dir) / f"round-{r}").is_dir()]
 
 
-def _metrics(train_dir: Path) -> list[dict[str, Any]]:
+def _stats(folder: Path) -> dict | None:
+    manifest = read_manifest(folder)
+    return None if manifest is None else manifest.get("stats") or {}
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _metrics(train_dir: Path) -> list[dict[str, Any]] | None:
     path = train_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return steps or None
 
 
-def headline_rows(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
+def _put(into: dict, key: Any, value: Any) -> None:
+    if value is not None:
+        into[key] = value
+
+
+def load_run(run_dir: Path, cfg: RunConfig) -> RunData:
+    """Every manifest, metrics file and evaluation summary of the config's sources and variants."""
+    run_dir = Path(run_dir)
+    data = RunData(rounds=_rounds(run_dir, cfg.rounds))
+    for r in data.rounds:
+        for source in cfg.sources():
+            _put(data.sample, (r, source), _stats(stage_dir(run_dir, r, "sample") / source))
+            _put(data.judge, (r, source), _stats(stage_dir(run_dir, r, "judge") / source))
+        _put(data.pairs, r, _stats(stage_dir(run_dir, r, "pairs")))
+        for part in (POLICY, *cfg.trains()):
+            _put(data.evals, (r, part), _json(stage_dir(run_dir, r, "evaluate") / part / "summary.json"))
+        for variant in cfg.trains():
+            _put(data.metrics, (r, variant), _metrics(stage_dir(run_dir, r, "train") / variant))
+    return data
+
+
+# ── cells ────────────────────────────────────────────────────────────────────────────────────
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _pp(share: float | None) -> str:
+    """A difference of two shares in percentage points."""
+    return "-" if share is None else f"{100 * share:+.1f} pp"
+
+
+def _usd(cost: float) -> str:
+    return f"${cost:,.2f}" if cost >= 1 else f"${cost:.4f}" if cost >= 0.01 else f"${cost:.6f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """`align`: one "l" or "r" per column."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]  # fmt: skip
+
+
+def sides(k: int) -> str:
+    """`solution × policy`: who writes chosen × rejected in scenario k."""
+    return " × ".join(SOURCE_NAMES[source] for source in SCENARIO_SOURCES[k])
+
+
+def scenario_name(k: int) -> str:
+    return f"{k}: {sides(k)}"
+
+
+def policy_label(cfg: RunConfig, round_: int) -> str:
+    return "base model" if round_ == 0 else f"round-{round_} policy (= round-{round_ - 1}/{cfg.sample_from()})"
+
+
+# ── the config in brief ──────────────────────────────────────────────────────────────────────
+def _changed(block: BaseModel, skip: tuple[str, ...] = ("type",)) -> list[str]:
+    """`key=value` for each field of `block` that differs from its default."""
+    out = []
+    for name, spec in type(block).model_fields.items():
+        value = getattr(block, name)
+        if name not in skip and (spec.is_required() or value != spec.get_default(call_default_factory=True)):
+            out.append(f"{name}={value}")
+    return out
+
+
+def variant_brief(name: str, train: Any) -> str:
+    """`s2: scenario 2 (solution × policy), dpo (beta=0.2, lr=1e-05)`: the non-default hyper-parameters."""
+    changed = _changed(train.method) + _changed(train, skip=_NOT_HYPER)
+    hyper = f" ({', '.join(changed)})" if changed else ""
+    return f"{name}: scenario {train.scenario} ({sides(train.scenario)}), {train.method.type}{hyper}"
+
+
+def _sampler_brief(sampler: Any) -> str:
+    n = f", n={sampler.n}" if hasattr(sampler, "n") else ""
+    model = getattr(sampler, "model", None)
+    return f"`{sampler.type}`{n}" + (f", model `{model}`" if model else "")
+
+
+def header(cfg: RunConfig) -> list[str]:
+    rounds = f"{cfg.rounds}"
+    if cfg.rounds > 1:
+        ref = "the initial policy" if cfg.next_round.ref_model == "initial" else "the checkpoint it starts from"
+        rounds += f" (round k > 0 samples from and trains round k-1's `{cfg.sample_from()}` checkpoint; π_ref: {ref})"
+    judge_model = getattr(cfg.judge, "model", None)
+    own = "" if getattr(cfg.sampler, "model", None) else " (the round's policy)"
+    lines = [f"# Report: {cfg.name}", "", f"- policy: `{cfg.policy}`", f"- rounds: {rounds}",
+             f"- sampler: {_sampler_brief(cfg.sampler)}{own}"]  # fmt: skip
+    if cfg.other_sampler is not None:
+        lines.append(f"- other sampler: {_sampler_brief(cfg.other_sampler)}")
+    lines += [f"- judge: `{cfg.judge.type}`" + (f", model `{judge_model}`" if judge_model else ""),
+              f"- scenarios: {', '.join(scenario_name(k) for k in cfg.pairs.scenarios)}",
+              "- variants: " + "; ".join(variant_brief(name, tc) for name, tc in cfg.trains().items())]  # fmt: skip
+    return lines
+
+
+# ── held-out evaluation (Table 2) ────────────────────────────────────────────────────────────
+EVAL_HEADER = ["round", "model", "scenario", "method", "5 points", "4&5 points", "mean score", "answer tokens",
+               "Δ 4&5 vs the round's policy"]  # fmt: skip
+EVAL_NOTE = ("Greedy answers to the held-out prompts, judged 1-5: 5 points is the share scoring 5, 4&5 points the "
+             "share scoring 4 or 5 (answers the judge could not score left out); Δ in percentage points. "
+             "\"-\": not evaluated yet.")  # fmt: skip
+
+
+def _delta(summary: dict | None, base: dict | None) -> float | None:
+    if not summary or not base or summary.get("4&5_points") is None or base.get("4&5_points") is None:
+        return None
+    return summary["4&5_points"] - base["4&5_points"]
+
+
+def eval_rows(cfg: RunConfig, data: RunData) -> list[dict[str, Any]]:
+    """Table 2's rows: each round's policy, then its variants' checkpoints in config order, with
+    their summary (None where not evaluated) and Δ 4&5 points against the round's policy."""
     rows = []
-    for r in _rounds(run_dir, rounds):
-        summary_file = stage_dir(run_dir, r, "evaluate") / "summary.json"
-        if not summary_file.is_file():
-            continue
-        for name, s in json.loads(summary_file.read_text()).items():
-            if r > 0 and name == "before":
-                continue  # the previous round's "after"
-            label = "base" if (r == 0 and name == "before") else f"round-{r} checkpoint"
-            rows.append({"round": r, **s, "model": label})
+    for r in data.rounds:
+        base = data.evals.get((r, POLICY))
+        rows.append({"round": r, "part": POLICY, "model": policy_label(cfg, r), "scenario": None, "method": None,
+                     "summary": base, "delta": None})  # fmt: skip
+        for name, tc in cfg.trains().items():
+            summary = data.evals.get((r, name))
+            rows.append({"round": r, "part": name, "model": f"round-{r}/{name}", "scenario": tc.scenario,
+                         "method": tc.method.type, "summary": summary, "delta": _delta(summary, base)})  # fmt: skip
     return rows
 
 
-def headline(run_dir: Path, rounds: int) -> str:
-    """The table printed at the end of a run (markdown). Scores are held out; logps are not."""
-    rows = headline_rows(run_dir, rounds)
-    if not rows:
-        return "(no evaluation yet)"
-    lines = ["| model | 5 points | 4&5 points | mean score | answer tokens | logps/chosen (train pairs) | logps/rejected (train pairs) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+def eval_table(rows: list[dict[str, Any]]) -> list[str]:
+    body = []
     for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['5_points']:.1%} | {row['4&5_points']:.1%} | {row['mean_score']:.2f} "
-            f"| {row['response_tokens']:.0f} | {row['logps/chosen']:.1f} | {row['logps/rejected']:.1f} |"
-        )
-    lines += ["", "Scores and answer tokens: greedy answers to the held-out prompts, judged 1-5. "
-              "logps: mean log-probability of the round's own training pairs (in-sample, not held out)."]  # fmt: skip
-    return "\n".join(lines)
+        s, own = row["summary"] or {}, row["part"] == POLICY  # the round's policy: no scenario, method, Δ
+        body.append([str(row["round"]), row["model"], "" if own else scenario_name(row["scenario"]),
+                     "" if own else row["method"], _num(s.get("5_points"), ".1%"), _num(s.get("4&5_points"), ".1%"),
+                     _num(s.get("mean_score"), ".2f"), _num(s.get("response_tokens"), ".0f"),
+                     "" if own else _pp(row["delta"])])  # fmt: skip
+    return markdown_table(EVAL_HEADER, body, "rlllrrrrr")
 
 
+def headline(run_dir: Path, cfg: RunConfig) -> str:
+    """The held-out table (markdown), printed at the end of a run."""
+    data = load_run(run_dir, cfg)
+    if not data.rounds:
+        return "(no round has started yet)"
+    return "\n".join([*eval_table(eval_rows(cfg, data)), "", EVAL_NOTE])
+
+
+def unscored_note(rows: list[dict[str, Any]]) -> list[str]:
+    counts = [f"{row['model']} {row['summary']['unscored']}" for row in rows if (row["summary"] or {}).get("unscored")]
+    return [f"Held-out answers the judge could not score: {', '.join(counts)}.", ""] if counts else []
+
+
+# ── how on-policy is the data (Table 1) ──────────────────────────────────────────────────────
+ONPOLICY_NOTE = ("Mean log-probability of each variant's training pairs (chosen / rejected) under the round's policy "
+                 "(before training) and under the variant's checkpoint (after). Before: lower = further from what the "
+                 "policy writes itself, more off-policy (scenario 1's pairs are its own samples). After: how far "
+                 "training moved them; the fall of the rejected side is the \"drastic drop\" of 3D-properties, and a "
+                 "falling chosen side shows the likelihood of good answers going down with it.")  # fmt: skip
+
+
+def _before(cfg: RunConfig, data: RunData, round_: int, scenario: int) -> dict | None:
+    """The round's policy on scenario k's pairs: the `before` block of the first variant on k that has one."""
+    for name, tc in cfg.trains().items():
+        before = (data.evals.get((round_, name)) or {}).get("before")
+        if tc.scenario == scenario and before:
+            return before
+    return None
+
+
+def logp_table(cfg: RunConfig, data: RunData, round_: int, per_token: bool) -> list[str]:
+    """One round's Table 1: a column per scenario, a row for the policy and one per variant, whose
+    checkpoint fills its own scenario's cell only."""
+    prefix, fmt = ("logps_per_token/", ".3f") if per_token else ("logps/", ".1f")
+
+    def cell(side: dict | None) -> str:
+        side = side or {}
+        chosen, rejected = side.get(prefix + "chosen"), side.get(prefix + "rejected")
+        return "-" if chosen is None or rejected is None else f"{chosen:{fmt}} / {rejected:{fmt}}"
+
+    scenarios = cfg.pairs.scenarios
+    body = [["round's policy (before training)", *(cell(_before(cfg, data, round_, k)) for k in scenarios)]]
+    for name, tc in cfg.trains().items():
+        after = (data.evals.get((round_, name)) or {}).get("after")
+        body.append([f"after training ({name})", *(cell(after) if k == tc.scenario else "" for k in scenarios)])
+    return markdown_table(["model", *(scenario_name(k) for k in scenarios)], body, "l" + "r" * len(scenarios))
+
+
+def onpolicy_section(cfg: RunConfig, data: RunData) -> list[str]:
+    parts = ["## How on-policy is the data?", "", ONPOLICY_NOTE, ""]
+    for r in data.rounds:
+        parts += [f"Round {r}, {policy_label(cfg, r)}: mean log-prob per token, chosen / rejected:", "",
+                  *logp_table(cfg, data, r, per_token=True), "", f"Round {r}, mean log-prob per sequence:", "",
+                  *logp_table(cfg, data, r, per_token=False), ""]  # fmt: skip
+    return parts
+
+
+# ── data ─────────────────────────────────────────────────────────────────────────────────────
+def _score_counts(counts: dict) -> str:
+    # a stage returns int keys, a manifest read back has str keys
+    return " / ".join(str(counts.get(str(k), counts.get(k, 0))) for k in range(1, 6)) if counts else "-"
+
+
+def candidates_table(cfg: RunConfig, data: RunData) -> list[str]:
+    body = []
+    for r in data.rounds:
+        for source in cfg.sources():
+            sample, judge = data.sample.get((r, source), {}), data.judge.get((r, source), {})
+            scored = f"{judge['scored']} / {judge['unscored']}" if "scored" in judge and "unscored" in judge else "-"
+            body.append([str(r), source, _count(sample.get("model")), _count(sample.get("prompts")),
+                         _count(judge.get("rows")), scored, _score_counts(judge.get("score_counts", {}))])  # fmt: skip
+    header = ["round", "source", "written by", "prompts", "candidates", "scored / unscored", "score counts (1..5)"]
+    return markdown_table(header, body, "rllrrrl")
+
+
+def pairs_table(cfg: RunConfig, data: RunData) -> list[str]:
+    body = []
+    for r in data.rounds:
+        stats = data.pairs.get(r, {})
+        for k in cfg.pairs.scenarios:
+            s = stats.get(f"s{k}", {})
+            body.append([str(r), scenario_name(k), _count(stats.get("prompts")), _count(s.get("pairs")),
+                         _count(s.get("dropped_uniform")), _count(s.get("dropped_margin")), _count(s.get("dropped_unscored"))])  # fmt: skip
+    header = ["round", "scenario", "prompts", "pairs", "dropped (uniform: no contrast)", "dropped (below min_margin)",
+              "dropped (unscored)"]  # fmt: skip
+    return markdown_table(header, body, "rlrrrrr")
+
+
+def unscored_reasons(data: RunData) -> list[str]:
+    """`round 0 policy: http 500 after 6 tries 2, unparseable 1`, most frequent first."""
+    out = []
+    for (r, source), judge in data.judge.items():
+        if judge.get("unscored_reasons"):
+            kinds = sorted(judge["unscored_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))
+            out.append(f"round {r} {source}: " + ", ".join(f"{kind} {n}" for kind, n in kinds))
+    return out
+
+
+def requests_table(data: RunData) -> list[str]:
+    body = []
+    for (r, source), judge in data.judge.items():
+        if "requests" in judge:
+            cost = judge.get("cost_usd")
+            counts = [_count(judge.get(key)) for key in ("retried", "cache_hits", "prompt_tokens", "completion_tokens")]
+            body.append([str(r), source, str(judge["requests"]), *counts,
+                         "no prices configured" if cost is None else _usd(cost)])  # fmt: skip
+    header = ["round", "source", "requests", "retried rows", "cache hits", "prompt tokens", "completion tokens", "estimated cost"]
+    return markdown_table(header, body, "rlrrrrrr") if body else []
+
+
+def data_section(cfg: RunConfig, data: RunData) -> list[str]:
+    """Per round and source: candidates, scored/unscored, score counts and who wrote them; per round
+    and scenario: pairs and why prompts gave none; then the unscored rows' reasons and an API
+    judge's requests, tokens and cost. A manifest written before a key existed shows "-" there."""
+    parts = ["## Data", "", "Candidates per round and source:", "", *candidates_table(cfg, data), "",
+             "Pairs per round and scenario (a prompt gives one pair or is dropped for one reason):", "",
+             *pairs_table(cfg, data), ""]  # fmt: skip
+    reasons, requests = unscored_reasons(data), requests_table(data)
+    if reasons:
+        parts += [f"Unscored candidates by reason (they take no part in pairs): {'; '.join(reasons)}.", ""]
+    if requests:
+        parts += ["Judge requests (this run's requests only; a cache hit costs none):", "", *requests, ""]
+    return parts
+
+
+# ── training ─────────────────────────────────────────────────────────────────────────────────
+def _first_last(metrics: list[dict], key: str, fmt: str) -> str:
+    first, last = metrics[0].get(key), metrics[-1].get(key)
+    return f"{key} {_num(first, fmt)} → {_num(last, fmt)}"
+
+
+def training_lines(data: RunData) -> list[str]:
+    """One line per trained (round, variant): steps, loss and logps first → last, last accuracy."""
+    lines = []
+    for (r, variant), m in data.metrics.items():
+        lines.append(f"- round {r} / {variant}: {len(m)} steps; {_first_last(m, 'loss', '.4f')}; "
+                     f"{_first_last(m, 'logps/chosen', '.1f')}; {_first_last(m, 'logps/rejected', '.1f')}; "
+                     f"rewards/accuracies (last step) {_num(m[-1].get('rewards/accuracies'), '.2f')}")  # fmt: skip
+    return lines
+
+
+# ── plots ────────────────────────────────────────────────────────────────────────────────────
 def _pyplot():
     import matplotlib
 
@@ -75,92 +367,90 @@ def _pyplot():
     return plt
 
 
-def plot_training(run_dir: Path, rounds: int, out: Path) -> Path | None:
-    plt = _pyplot()
-    curves = {r: _metrics(stage_dir(run_dir, r, "train")) for r in _rounds(run_dir, rounds)}
-    curves = {r: m for r, m in curves.items() if m}
-    if not curves:
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _value(d: dict | None, key: str) -> float:
+    v = (d or {}).get(key)
+    return float("nan") if v is None else v
+
+
+def plot_scores(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Grouped bars (5 points, 4&5 points) per evaluated row; every other round shaded."""
+    rows = [row for row in rows if row["summary"]]
+    if not rows:
         return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 3.8))
+    xs, width = range(len(rows)), 0.38
+    ax.bar([x - width / 2 for x in xs], [_value(r["summary"], "5_points") for r in rows], width, label="5 points")
+    ax.bar([x + width / 2 for x in xs], [_value(r["summary"], "4&5_points") for r in rows], width, label="4&5 points")
+    ax.set_xticks(list(xs), [f"round {r['round']}\n{r['part']}" for r in rows], fontsize=8)
+    for i, round_ in enumerate(sorted({r["round"] for r in rows})):
+        if i % 2:
+            at = [x for x, r in zip(xs, rows) if r["round"] == round_]
+            ax.axvspan(min(at) - 0.5, max(at) + 0.5, color="0.92", zorder=0)
+    ax.set_ylabel("share of held-out prompts")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("held-out judge scores: each round's policy, then its variants")
+    return _save(fig, out / "eval_scores.png")
+
+
+def plot_logps(cfg: RunConfig, data: RunData, out: Path) -> Path | None:
+    """Per scenario: before vs after bars of chosen and rejected per-token logps, per (round, variant)."""
+    key = "logps_per_token/"
+    by_scenario: dict[int, list[tuple[str, dict, dict]]] = {}
+    for r in data.rounds:
+        for name, tc in cfg.trains().items():
+            s = data.evals.get((r, name)) or {}
+            if s.get("before") and s.get("after"):
+                by_scenario.setdefault(tc.scenario, []).append((f"r{r}/{name}", s["before"], s["after"]))
+    if not by_scenario:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(by_scenario), figsize=(4.8 * len(by_scenario), 3.8), squeeze=False)
+    for ax, (k, entries) in zip(axes[0], sorted(by_scenario.items())):
+        labels = [f"{label}\n{side}" for label, _, _ in entries for side in ("chosen", "rejected")]
+        before = [_value(b, key + side) for _, b, _ in entries for side in ("chosen", "rejected")]
+        after = [_value(a, key + side) for _, _, a in entries for side in ("chosen", "rejected")]
+        xs, width = range(len(labels)), 0.38
+        ax.bar([x - width / 2 for x in xs], before, width, label="before (round's policy)", color="0.6")
+        ax.bar([x + width / 2 for x in xs], after, width, label="after (checkpoint)", color="tab:blue")
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(f"scenario {scenario_name(k)}")
+        ax.set_ylabel("mean log-prob per token")
+        ax.legend(fontsize=7)
+    return _save(fig, out / "logps.png")
+
+
+def plot_training(data: RunData, out: Path) -> Path | None:
+    """One line per (round, variant) and metric; colour = (round, variant), line style = metric."""
+    if not data.metrics:
+        return None
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(TRAIN_CURVES), figsize=(4.5 * len(TRAIN_CURVES), 3.6))
     for ax, keys in zip(axes, TRAIN_CURVES):
-        for r, metrics in curves.items():
-            steps = [m["step"] for m in metrics]
-            for key in keys:
-                ax.plot(steps, [m[key] for m in metrics], marker="o", ms=3, label=f"{key} (round {r})")
+        for colour, ((r, variant), metrics) in enumerate(data.metrics.items()):
+            steps = [m.get("step", i) for i, m in enumerate(metrics)]
+            for style, key in zip(("-", "--"), keys):
+                if any(key in m for m in metrics):
+                    ax.plot(steps, [_value(m, key) for m in metrics], style, color=f"C{colour % 10}", marker="o",
+                            ms=3, label=f"{key} (r{r}/{variant})")  # fmt: skip
         ax.set_xlabel("step")
         ax.set_title(" vs ".join(keys))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "train_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "train_curves.png")
 
 
-def plot_scores(rows: list[dict[str, Any]], out: Path) -> Path | None:
-    plt = _pyplot()
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    width = 0.38
-    xs = range(len(rows))
-    ax.bar([x - width / 2 for x in xs], [r["5_points"] for r in rows], width, label="5 points")
-    ax.bar([x + width / 2 for x in xs], [r["4&5_points"] for r in rows], width, label="4&5 points")
-    ax.set_xticks(list(xs), [r["model"] for r in rows], fontsize=8)
-    ax.set_ylabel("share of held-out prompts")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("held-out judge scores")
-    fig.tight_layout()
-    path = out / "eval_scores.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _count(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
-def _usd(cost: float) -> str:
-    return f"${cost:,.2f}" if cost >= 1 else f"${cost:.4f}" if cost >= 0.01 else f"${cost:.6f}"
-
-
-def data_section(run_dir: Path, cfg: RunConfig) -> list[str]:
-    """Per round: candidates, how many the judge scored, the score counts, the pairs and why prompts
-    gave none; then the unscored rows' reasons and, for an API judge, its requests, tokens and cost.
-    A manifest written before a key existed shows "-" there."""
-    parts = ["## Data", "", "| round | prompts | candidates | scored / unscored | score counts (1..5) | pairs "
-             "| dropped (uniform) | dropped (below min_margin) | dropped (unscored) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
-    reasons, requests = [], []
-    for r in _rounds(run_dir, cfg.rounds):
-        judge = (read_manifest(stage_dir(run_dir, r, "judge")) or {}).get("stats", {})
-        pairs = (read_manifest(stage_dir(run_dir, r, "pairs")) or {}).get("stats", {})
-        s1 = pairs.get(f"s{cfg.train.scenario}", {})
-        counts = judge.get("score_counts", {})
-        scored = f"{judge['scored']} / {judge['unscored']}" if "scored" in judge else "-"
-        parts.append(f"| {r} | {_count(pairs.get('prompts'))} | {_count(judge.get('rows'))} | {scored} "
-                     f"| {' / '.join(str(counts.get(str(k), counts.get(k, 0))) for k in range(1, 6)) if counts else '-'} "
-                     f"| {_count(s1.get('pairs'))} | {_count(s1.get('dropped_uniform'))} | {_count(s1.get('dropped_margin'))} "
-                     f"| {_count(s1.get('dropped_unscored'))} |")  # fmt: skip
-        if judge.get("unscored_reasons"):
-            kinds = sorted(judge["unscored_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))
-            reasons.append(f"round {r}: " + ", ".join(f"{kind} {n}" for kind, n in kinds))
-        if "requests" in judge:
-            cost = judge.get("cost_usd")
-            requests.append(f"| {r} | {judge['requests']} | {judge.get('retried', '-')} | {judge.get('cache_hits', '-')} "
-                            f"| {judge.get('prompt_tokens', '-')} | {judge.get('completion_tokens', '-')} "
-                            f"| {'no prices configured' if cost is None else _usd(cost)} |")  # fmt: skip
-    parts.append("")
-    if reasons:
-        parts += [f"Unscored candidates by reason (they take no part in pairs): {'; '.join(reasons)}.", ""]
-    if requests:
-        parts += ["Judge requests (this run's requests only; a cache hit costs none):", "",
-                  "| round | requests | retried rows | cache hits | prompt tokens | completion tokens | estimated cost |",
-                  "|---|---:|---:|---:|---:|---:|---:|", *requests, ""]  # fmt: skip
-    return parts
+def _image(path: Path | None, alt: str) -> list[str]:
+    return [f"![{alt}]({path.name})", ""] if path else []
 
 
 # ── judge agreement (`python -m pipeline compare-judges`) ──────────────────────────────────────
@@ -244,28 +534,13 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = headline_rows(run_dir, cfg.rounds)
-    curves, scores = plot_training(run_dir, cfg.rounds, out), plot_scores(rows, out)
-    parts = [f"# Report: {cfg.name}", "",
-             f"Policy `{cfg.policy}`, method `{cfg.train.method.type}` "
-             f"({', '.join(f'{k}={v}' for k, v in cfg.train.method.model_dump().items() if k != 'type')}), "
-             f"{cfg.rounds} round(s), sampler `{cfg.sampler.type}` n={cfg.sampler.n}, judge `{cfg.judge.type}`.", "",
-             "## Held-out evaluation (greedy, judged 1-5)", "", headline(run_dir, cfg.rounds), ""]  # fmt: skip
-    if scores:
-        parts += [f"![held-out scores]({scores.name})", ""]
-    parts += data_section(run_dir, cfg)
-    parts += ["", "## Training", ""]
-    if curves:
-        parts += [f"![training curves]({curves.name})", ""]
-    for r in _rounds(run_dir, cfg.rounds):
-        metrics = _metrics(stage_dir(run_dir, r, "train"))
-        if metrics:
-            first, last = metrics[0], metrics[-1]
-            parts.append(f"- round {r}: {len(metrics)} steps; loss {first['loss']:.4f} → {last['loss']:.4f}; "
-                         f"logps/chosen {first['logps/chosen']:.1f} → {last['logps/chosen']:.1f}; "
-                         f"logps/rejected {first['logps/rejected']:.1f} → {last['logps/rejected']:.1f}; "
-                         f"rewards/accuracies (last step) {last['rewards/accuracies']:.2f}")  # fmt: skip
-    parts += ["", *agreement_section(run_dir, out)]
+    data = load_run(run_dir, cfg)
+    rows = eval_rows(cfg, data)
+    parts = [*header(cfg), "", "## Held-out evaluation (greedy, judged 1-5)", "", *eval_table(rows), "", EVAL_NOTE, "",
+             *unscored_note(rows), *_image(plot_scores(rows, out), "held-out scores"),
+             *onpolicy_section(cfg, data), *_image(plot_logps(cfg, data, out), "log-probs before and after training"),
+             *data_section(cfg, data), "## Training", "", *_image(plot_training(data, out), "training curves"),
+             *training_lines(data), "", *agreement_section(run_dir, out)]  # fmt: skip
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts) + "\n")
     return report
