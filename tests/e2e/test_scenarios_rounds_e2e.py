@@ -1,0 +1,149 @@
+"""The four scenarios and two on-policy rounds, end to end through the CLI on the embedded model.
+
+1. `configs/tiny_scenarios.yaml`: policy, dataset and stand-in other model are sampled and judged
+   once; four pair sets → four trainings → four evaluations (+ the policy's own) → the report's
+   Table 1 and Table 2 sections; the stand-in's samples are measurably off-policy.
+2. The same config with scenario 1 only and `rounds: 2`: round 1 samples from round 0's
+   checkpoint, and a rerun after a kill in round 1 resumes there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "tiny_scenarios.yaml"
+pytestmark = pytest.mark.e2e
+
+
+def _pipeline(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_four_scenarios_four_trainings_on_the_same_judged_data(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _pipeline("run", str(CONFIG), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    round0 = run_dir / "round-0"
+
+    # every source sampled and judged once, each row naming who wrote it
+    candidates = {s: pd.read_parquet(round0 / "judge" / s) for s in ("policy", "reference", "other")}
+    assert len(candidates["policy"]) == len(candidates["other"]) == 12 * 4 and len(candidates["reference"]) == 12
+    assert set(candidates["policy"].model) == {"embedded:smollm2-135m-instruct"} and set(candidates["policy"].sampler) == {"hf"}
+    assert set(candidates["reference"].model) == {"dataset"} and set(candidates["reference"].sampler) == {"reference"}
+    assert (candidates["reference"].score == 5).all()  # the built-in solutions are right
+
+    sources = {1: ("policy", "policy"), 2: ("reference", "policy"), 3: ("policy", "other"), 4: ("reference", "other")}
+    stats = json.loads((round0 / "pairs" / "_manifest.json").read_text())["stats"]
+    for k, (chosen, rejected) in sources.items():
+        pairs = pq.read_table(round0 / "pairs" / f"s{k}" / "pairs.parquet").to_pandas()
+        s = stats[f"s{k}"]
+        assert len(pairs) == s["pairs"] >= 1
+        assert s["pairs"] + s["dropped_uniform"] + s["dropped_margin"] + s["dropped_unscored"] == 12
+        assert (pairs.chosen_source == chosen).all() and (pairs.rejected_source == rejected).all()
+        assert (pairs.chosen_score > pairs.rejected_score).all()
+        # the text of each side is the named source's candidate
+        for side, source in (("chosen", chosen), ("rejected", rejected)):
+            by_id = candidates[source].set_index(["prompt_id", "candidate_id"]).response
+            texts = [by_id[(p, c)] for p, c in zip(pairs.prompt_id, pairs[f"{side}_candidate_id"])]
+            assert [turns[0]["content"] for turns in pairs[side]] == texts
+
+    # one training and one evaluation per scenario, on these pairs
+    for k in sources:
+        train = json.loads((round0 / "train" / f"s{k}" / "_manifest.json").read_text())
+        assert train["stats"]["pairs"] == stats[f"s{k}"]["pairs"] and (round0 / "train" / f"s{k}" / "checkpoint").is_dir()
+        summary = json.loads((round0 / "evaluate" / f"s{k}" / "summary.json").read_text())
+        assert (summary["scenario"], summary["variant"], summary["pairs"]) == (k, f"s{k}", stats[f"s{k}"]["pairs"])
+    # the stand-in other model is off-policy: its samples are less likely under the policy than the policy's own
+    before = {k: json.loads((round0 / "evaluate" / f"s{k}" / "summary.json").read_text())["before"] for k in sources}
+    assert before[3]["logps_per_token/rejected"] < before[1]["logps_per_token/rejected"]
+    assert before[4]["logps_per_token/rejected"] < before[2]["logps_per_token/rejected"]
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "How on-policy" in report and "base model" in report
+    for k in sources:
+        assert f"round-0/s{k}" in report
+
+    # a new variant trains on the same judged data: nothing is sampled, judged or trained again
+    variants = "variants={" + ", ".join(f"s{k}: {{scenario: {k}}}" for k in sources) + ", s1-beta: {scenario: 1, method: {beta: 0.5}}}"
+    again = _pipeline("run", str(CONFIG), variants, "--run-dir", str(run_dir))
+    assert again.returncode == 0, again.stderr[-4000:]
+    for node in ("sample/policy", "sample/other", "judge/reference", "pairs", "train/s1", "train/s4", "evaluate/policy"):
+        assert f"round 0 {node}: up to date" in again.stderr, node
+    assert "round 0 train/s1-beta: running" in again.stderr and "round 0 evaluate/s1-beta: running" in again.stderr
+    assert json.loads((round0 / "evaluate" / "s1-beta" / "summary.json").read_text())["method"] == "dpo"
+    assert "s1-beta" in (run_dir / "report" / "report.md").read_text()
+
+
+def _kill_when(cmd: list[str], ready, timeout: float = 900) -> None:
+    """Start `cmd` in its own process group and SIGKILL the whole group once `ready()` holds."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "the run never reached the point to kill it"
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(2)
+
+
+def _mean_token_logp(model, frame: pd.DataFrame) -> float:
+    """Mean per-token log-prob of the sampled responses under `model` (one forward per candidate)."""
+    import torch
+
+    values = []
+    with torch.no_grad():
+        for prompt, response in zip(frame.prompt_token_ids, frame.response_token_ids):
+            ids = torch.tensor([list(prompt) + list(response)])
+            logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            values.append(logps[len(prompt) - 1 :].mean().item())
+    return sum(values) / len(values)
+
+
+def test_two_rounds_sample_from_the_newest_checkpoint_and_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["run", str(CONFIG), "pairs.scenarios=[1]", "other_sampler=null", "rounds=2", "train.lr=1e-4",
+            "--run-dir", str(run_dir)]  # fmt: skip
+    round1 = run_dir / "round-1"
+    _kill_when([sys.executable, "-m", "pipeline", *args], lambda: any((round1 / "train").glob(".s1.tmp-*")))
+    assert (run_dir / "round-0" / "evaluate" / "s1" / "_manifest.json").is_file()
+    result = _pipeline(*args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for node in ("sample/policy", "judge/policy", "pairs", "train/s1", "evaluate/policy", "evaluate/s1"):
+        assert f"round 0 {node}: up to date" in result.stderr, node
+    assert "round 1 sample/policy: up to date" in result.stderr and "round 1 train/s1: running" in result.stderr
+
+    first, second = (pd.read_parquet(run_dir / f"round-{r}" / "sample" / "policy") for r in (0, 1))
+    assert set(second.model) == {"round-0/s1"}  # round 1 sampled round 0's checkpoint
+    # same prompts, same seed: only the weights differ, and so do the samples and their likelihood
+    assert sorted(first.prompt_id.unique()) == sorted(second.prompt_id.unique())
+    key = ["prompt_id", "candidate_id"]
+    joined = first.set_index(key).response.to_frame("r0").join(second.set_index(key).response.to_frame("r1"))
+    assert (joined.r0 != joined.r1).mean() > 0.25
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import resolve_model
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"), dtype=torch.float32)
+    assert abs(_mean_token_logp(base, first) - _mean_token_logp(base, second)) > 1e-3
+    # round 1's training started from round 0's checkpoint, against it as the reference (ref_model: previous)
+    summary = json.loads((round1 / "evaluate" / "s1" / "summary.json").read_text())
+    assert summary["before"]["model"] == "round-0/s1" and summary["model"] == "round-1/s1"
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "round-1 policy" in report and "round-1/s1" in report
