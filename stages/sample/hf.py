@@ -23,8 +23,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import HFSampler
-from stages.sample.candidates import build_messages, finish_reason, stop_token_ids
-from stages.sample.reference import SCHEMA  # the candidate columns, typed
+from stages.sample.candidates import SCHEMA, build_messages, finish_reason, stop_token_ids
 
 
 def batch_seed(seed: int, prompt_id: str) -> int:

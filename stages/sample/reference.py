@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
-from stages.sample.candidates import CANDIDATE_COLUMNS, build_messages
+from stages.sample.candidates import SCHEMA, build_messages
 
 
 def candidates(prompts: list[dict], template: object, source: str) -> list[dict]:
@@ -34,17 +34,6 @@ def candidates(prompts: list[dict], template: object, source: str) -> list[dict]
         "response": p["solution"], "prompt_token_ids": None, "response_token_ids": None, "prompt_tokens": None,
         "response_tokens": None, "finish_reason": "stop", "sampler": "reference", "model": "dataset", "seed": None,
     } for p in prompts]  # fmt: skip
-
-
-SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("candidate_id", pa.int64()), ("prompt", pa.string()),
-    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-    ("solution", pa.string()), ("answer", pa.string()), ("response", pa.string()),
-    ("prompt_token_ids", pa.list_(pa.int64())), ("response_token_ids", pa.list_(pa.int64())),
-    ("prompt_tokens", pa.int64()), ("response_tokens", pa.int64()), ("finish_reason", pa.string()),
-    ("sampler", pa.string()), ("model", pa.string()), ("seed", pa.int64()),
-])  # fmt: skip
-assert tuple(SCHEMA.names) == CANDIDATE_COLUMNS
 
 
 def generate(prompts: list[dict], template: object, out_dir: Path, source: str) -> None:

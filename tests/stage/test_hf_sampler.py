@@ -19,7 +19,7 @@ import pytest
 from pipeline.config import HFSampler
 from stages.sample import hf
 from stages.sample.candidates import CANDIDATE_COLUMNS, stop_token_ids
-from stages.sample.reference import SCHEMA
+from stages.sample.candidates import SCHEMA
 from stages.train.batch import tokenize_pair
 
 SYSTEM = "Solve it step by step."
