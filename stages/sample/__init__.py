@@ -39,7 +39,7 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     if sampler.type == "reference":
         from stages.sample import reference
 
-        reference.generate(prompts, sampler, out, source=f"data ({cfg.data.type})")
+        reference.generate(prompts, sampler, out, source=_data_name(cfg))
         return {"prompts": len(prompts), "rows": len(prompts), "model": "dataset"}
     if sampler.type == "openai":
         path, name = None, sampler.model
@@ -49,9 +49,17 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     return {"prompts": len(prompts), "rows": len(prompts) * sampler.n, "model": name}
 
 
+def _data_name(cfg: RunConfig) -> str:
+    return f"data.path {cfg.data.path}" if hasattr(cfg.data, "path") else f"data ({cfg.data.type})"
+
+
 def preflight(cfg: RunConfig) -> None:
-    """Models named by a sampler resolve (a typo fails before any engine starts), and an API
-    sampler's key variable is set."""
+    """Models named by a sampler resolve (a typo fails before any engine starts), an API
+    sampler's key variable is set, and scenarios 2 and 4 find a solution for every prompt."""
+    if "reference" in cfg.sources():
+        from stages.sample import reference
+
+        reference.candidates(load_prompts(cfg.data, "train"), cfg.sampler_of("reference"), source=_data_name(cfg))
     for source in cfg.sources():
         sampler = cfg.sampler_of(source)
         if getattr(sampler, "model", None) is not None and sampler.type in ("vllm", "hf"):

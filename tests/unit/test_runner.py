@@ -253,3 +253,11 @@ def test_the_next_round_samples_from_the_named_variant_and_trains_against_the_ch
     assert initial.expected_key(Node("train", 0, "s1")) == runner.expected_key(Node("train", 0, "s1"))
     with pytest.raises(Exception, match="next_round.sample_from: no variant 'nope'"):
         _four(tmp_path, next_round={"sample_from": "nope"})
+
+
+def test_scenarios_2_and_4_need_a_solution_for_every_prompt_before_any_work(tmp_path):
+    cfg = _cfg(tmp_path, pairs={"scenarios": [1, 2]})  # the prompt file has answers, no solutions
+    with pytest.raises(UserError, match=r"prompts.jsonl: 1 of 1 prompt\(s\) have no solution .*data.fields.solution"):
+        Runner(cfg, tmp_path / "run").preflight(("sample",))
+    assert not (tmp_path / "run").exists()
+    Runner(_cfg(tmp_path), tmp_path / "run").preflight(("sample",))  # scenario 1 alone needs none
