@@ -7,7 +7,8 @@ Where the work happens:
   `concurrency / workers` requests open at once), so judging spreads over a cluster like
   sampling does. (`ray.data.llm`'s HTTP processor sends a batch's requests one after another,
   ignores Retry-After, does not retry 500 and raises when its retries run out.)
-- `client.py` does one row: rate limit, retries, backoff, Retry-After, parsing; a row it cannot
+- `JudgeClient` does one row: `pipeline/openai_client.py` (shared with the OpenAI sampler) does
+  the rate limit, retries, backoff and Retry-After, this module the parsing; a row it cannot
   score is kept with `score` null and the reason — never dropped, never guessed.
 - `cache.py` stores each score as it arrives (a wave of replies in one write), in one SQLite
   file owned by one actor on the driver's node: a rerun of a killed stage sends requests only for
@@ -25,7 +26,7 @@ explanation), `judge_model`, `judge_tries` (requests sent this time; 0 for a cac
 the score), `judge` ("openai").
 
 The API key is read from the variable `api_key_env` names when requests are made; it is never
-in the config, a log line, an artifact, the cache or an error message (`client.redact`).
+in the config, a log line, an artifact, the cache or an error message (`openai_client.redact`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import pandas as pd
 import ray
@@ -41,14 +43,12 @@ import ray
 from pipeline.config import DataConfig, OpenAIJudge
 from pipeline.errors import UserError
 from pipeline.models import cache_root
+from pipeline.openai_client import EndpointError, OpenAIClient, Rejected, Reply, no_reply, read_api_key
 from stages.judge.cache import GroupCommit, JudgeCache, cache_key
-from stages.judge.client import EndpointError, JudgeClient, Outcome, read_api_key
-from stages.judge.rubric import judge_messages, load_rubric
+from stages.judge.parse import Judgement, Unparseable, describe_unparseable, parse_judgement
+from stages.judge.rubric import JSON_SCHEMA, judge_messages, load_rubric
 
 log = logging.getLogger("pipeline")
-# The HTTP client logs every request at INFO: thousands of lines that say nothing a user needs.
-for _name in ("httpx", "httpx2", "openai"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
 
 # An HTTP-bound actor: half a core, so a pool as large as the cluster's cores still leaves Ray Data
 # a CPU to read the candidates with (`judge` checks the pool fits).
@@ -56,6 +56,52 @@ WORKER_CPUS = 0.5
 
 # The columns a row needs to be judged: the question, the response, the reference when there is one.
 ROW_COLUMNS = ["prompt", "response", "solution", "answer"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    score: int | None
+    reason: str  # "judged" when scored, else why not, e.g. `http 500 after 6 tries`
+    reasoning: str  # the judge's own explanation ("" when unscored)
+    tries: int  # requests sent for the row this time (0 for a cache hit)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class JudgeClient(OpenAIClient):
+    """One request per row, with the shared client's retries: a score, or the reason there is none.
+    `judge_messages` never raises for a row's own trouble (`pipeline/openai_client.py`); a reply
+    with no single 1-5 score in it is retried, and kept unscored when the tries run out."""
+
+    def __init__(self, judge: OpenAIJudge, *, in_flight: int, requests_per_minute: float | None = None, seed: int = 0):
+        super().__init__(judge, where="judge", in_flight=in_flight, requests_per_minute=requests_per_minute, seed=seed)
+
+    async def judge_messages(self, messages: list[dict[str, str]],
+                             store: Callable[[Outcome], Awaitable[None]] | None = None) -> Outcome:
+        """The row's outcome, returned once `store(outcome)` has kept its score (see `send`)."""
+        judge = self.endpoint
+        kwargs: dict[str, Any] = {"messages": messages, "temperature": judge.temperature, "max_tokens": judge.max_tokens}
+        if judge.response_format == "json_schema":
+            kwargs["response_format"] = JSON_SCHEMA
+        keep = None if store is None else (lambda reply: store(_outcome(reply)))
+        return _outcome(await self.send(kwargs, self._verdict, keep))
+
+    def _verdict(self, completion: Any) -> tuple[Judgement, int, int]:
+        """The reply's score and reasoning, and its (prompt, completion) tokens."""
+        content = completion.choices[0].message.content
+        try:
+            verdict = parse_judgement(content, self.endpoint.response_format)
+        except Unparseable as err:
+            raise Rejected(describe_unparseable(err, content)) from None
+        usage = getattr(completion, "usage", None)
+        return verdict, int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
+
+
+def _outcome(reply: Reply[tuple[Judgement, int, int]]) -> Outcome:
+    if reply.value is None:
+        return Outcome(None, reply.reason, "", reply.tries)
+    verdict, prompt_tokens, completion_tokens = reply.value
+    return Outcome(verdict.score, "judged", verdict.reasoning, reply.tries, prompt_tokens, completion_tokens)
 
 
 def cache_folder(judge: OpenAIJudge) -> str:
@@ -181,11 +227,8 @@ def probe(judge: OpenAIJudge, rubric: str, rows: pd.DataFrame, cache: Any) -> di
         raise UserError(str(err)) from None
     if outcome.score is not None:
         ray.get(cache.put_many.remote({key: _record(outcome)}))
-    elif outcome.reason.startswith(("connection error", "timeout")):
-        raise UserError(
-            f"judge.base_url {judge.base_url or '(the OpenAI default)'}: no reply ({outcome.reason}); "
-            "start the server or fix judge.base_url (and judge.timeout for a slow one)"
-        )
+    elif (message := no_reply(judge, "judge", outcome.reason)) is not None:
+        raise UserError(message)
     return {key: outcome}
 
 
@@ -222,6 +265,6 @@ def preflight(judge: OpenAIJudge, data: DataConfig) -> None:
 
 def _check_key(judge: OpenAIJudge) -> None:
     try:
-        read_api_key(judge.api_key_env)
+        read_api_key(judge.api_key_env, "judge")
     except EndpointError as err:
         raise UserError(str(err)) from None

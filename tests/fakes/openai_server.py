@@ -1,4 +1,4 @@
-"""A real OpenAI-protocol chat-completions server that injects faults, for judge tests and benchmarks.
+"""A real OpenAI-protocol chat-completions server that injects faults, for judge and sampler tests and benchmarks.
 
 The OpenAI judge must survive what real servers do under load: 429s with `Retry-After`, 5xx,
 stalls past the client's timeout, 200s whose body is not JSON, dropped connections, and error
@@ -15,6 +15,11 @@ prints `listening on http://127.0.0.1:PORT/v1` once it accepts connections. `GET
 
 Markers in the messages' text steer one row: `<score=N>` fixes the score, `<fail=KIND>` makes
 every try fail with KIND, `<reply=unparseable>` answers every try with text that holds no score.
+
+A request that sends `n` (the OpenAI sampler's) is answered like a sampling model: `n` choices
+(at most `max_choices`, as providers that cap `n` do), choice i's text `sample_text(messages,
+seed, i)`, cut to `max_tokens` words with finish_reason "length", and usage counting words as
+tokens. Faults and markers apply to it as to a judge's request.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class RequestRecord:
     score: int | None
     t_start: float
     t_end: float
+    choices: int = 0  # choices in the reply (1 for a judge's "ok"; a sampler's up to its `n`)
 
 
 def row_key(messages: list[dict]) -> str:
@@ -82,6 +88,14 @@ def score_of(messages: list[dict]) -> int:
     if match := _SCORE.search(text):
         return int(match.group(1))
     return 1 + int(hashlib.sha256(text.encode()).hexdigest(), 16) % 5
+
+
+def sample_text(messages: list[dict], seed: int | None, index: int) -> str:
+    """Choice `index` of a sampler request for `messages` with `seed`: a made-up worked answer,
+    different for every (messages, seed, index), the same every time."""
+    digest = hashlib.sha256(json.dumps([messages, seed, index], sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    steps = "".join(f" then {int(digest[i:i + 2], 16)}" for i in range(12, 12 + 2 * (int(digest[10:12], 16) % 6), 2))
+    return f"Candidate {index} [{digest[:10]}]: first {int(digest[:2], 16)}{steps}. The answer is {int(digest[2:6], 16) % 100}."
 
 
 def _error(status: int, message: str, type_: str, code: str | None, **headers: str) -> web.Response:
@@ -111,6 +125,7 @@ class FakeOpenAI:
         stall: float = 30.0,
         echo_headers: bool = False,
         score_fn: Callable[[list[dict]], int] = score_of,
+        max_choices: int | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -120,6 +135,7 @@ class FakeOpenAI:
         self.model, self.api_key, self.latency, self.fault_rate, self.seed = model, api_key, latency, fault_rate, seed
         self.fault_kinds, self.retry_after, self.stall = tuple(fault_kinds), retry_after, stall
         self.echo_headers, self.score_fn, self.host, self.port = echo_headers, score_fn, host, port
+        self.max_choices = max_choices
         # The log is written on the server's loop and read from the test's thread.
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
@@ -210,7 +226,7 @@ class FakeOpenAI:
         with self._lock:
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
-        key, attempt, outcome, score = "", 0, "400", None
+        key, attempt, outcome, score, returned = "", 0, "400", None, 0
         try:
             try:
                 body = await request.json()
@@ -247,6 +263,10 @@ class FakeOpenAI:
                 if request.transport is not None:
                     request.transport.close()
                 await asyncio.sleep(3600)
+            if "n" in body:  # a sampler's request
+                choices = self._samples(messages, body)
+                returned = len(choices)
+                return web.json_response(self._completion(key, attempt, text, choices))
             score = self.score_fn(messages)
             if _UNPARSEABLE in text:
                 outcome, content = "unparseable", UNPARSEABLE_REPLY
@@ -254,26 +274,40 @@ class FakeOpenAI:
                 content = json.dumps({"reasoning": "Judged against the rubric.", "score": score})
             else:
                 content = f"The response was judged against the rubric.\nScore: {score}"
-            return web.json_response(self._completion(key, attempt, text, content))
+            returned = 1
+            return web.json_response(self._completion(key, attempt, text, [(content, "stop", max(1, len(content) // 4))]))
         finally:
             # Also runs when the client gave up (stall) or the socket was dropped: the handler is cancelled.
             with self._lock:
                 self._in_flight -= 1
-                self._records.append(RequestRecord(key, attempt, outcome, score, t_start, time.monotonic()))
+                self._records.append(RequestRecord(key, attempt, outcome, score, t_start, time.monotonic(), returned))
 
-    def _completion(self, key: str, attempt: int, prompt: str, content: str) -> dict[str, Any]:
-        prompt_tokens, completion_tokens = max(1, len(prompt) // 4), max(1, len(content) // 4)
+    def _samples(self, messages: list[dict], body: dict) -> list[tuple[str, str, int]]:
+        """(text, finish_reason, tokens) of each choice of a sampler request; a word is a token."""
+        n = int(body.get("n") or 1)
+        budget = body.get("max_tokens") or body.get("max_completion_tokens")
+        choices = []
+        for i in range(min(n, self.max_choices or n)):
+            words = sample_text(messages, body.get("seed"), i).split()
+            cut = budget is not None and len(words) > budget
+            words = words[:budget] if cut else words
+            choices.append((" ".join(words), "length" if cut else "stop", len(words)))
+        return choices
+
+    def _completion(self, key: str, attempt: int, prompt: str, choices: list[tuple[str, str, int]]) -> dict[str, Any]:
+        """A chat completion of `choices`, each (content, finish_reason, completion tokens)."""
+        prompt_tokens, completion_tokens = max(1, len(prompt) // 4), sum(tokens for _, _, tokens in choices)
         return {
             "id": f"chatcmpl-fake-{key[:16]}-{attempt}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model,
             "choices": [{
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": content, "refusal": None},
                 "logprobs": None,
-                "finish_reason": "stop",
-            }],
+                "finish_reason": finish,
+            } for i, (content, finish, _) in enumerate(choices)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
@@ -363,10 +397,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retry-after", default="1")
     parser.add_argument("--stall", type=float, default=30.0)
     parser.add_argument("--echo-headers", action="store_true")
+    parser.add_argument("--max-choices", type=int, default=None, help="at most this many choices per reply")
     args = parser.parse_args(argv)
     server = FakeOpenAI(args.model, args.api_key or None, latency=args.latency, fault_rate=args.fault_rate,
                         seed=args.seed, fault_kinds=args.fault_kinds.split(","), retry_after=args.retry_after,
-                        stall=args.stall, echo_headers=args.echo_headers, host=args.host, port=args.port)
+                        stall=args.stall, echo_headers=args.echo_headers, max_choices=args.max_choices,
+                        host=args.host, port=args.port)
 
     serve_until_signalled(server)
 

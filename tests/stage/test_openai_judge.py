@@ -24,10 +24,10 @@ import pytest
 import yaml
 
 import stages.judge
-from pipeline.artifacts import MANIFEST, stage_dir
+from pipeline.artifacts import MANIFEST
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
-from pipeline.runner import STAGES, Runner
+from pipeline.runner import Node, Runner
 from stages.judge.cache import JudgeCache
 from stages.judge.openai import preflight, row_messages
 from stages.judge.rubric import load_rubric
@@ -216,9 +216,10 @@ def _finished_sample(run_dir: Path, config: Path, rows: list[dict]) -> None:
     """A sample folder the runner accepts as finished and up to date for `config`."""
     from pipeline.config import load_config
 
-    folder = stage_dir(run_dir, 0, "sample")
+    node = Node("sample", 0, "policy")
+    folder = node.folder(run_dir)
     write_sample(folder, rows)
-    key = Runner(load_config(config), run_dir).expected_key(STAGES["sample"], 0)
+    key = Runner(load_config(config), run_dir).expected_key(node)
     (folder / MANIFEST).write_text(f'{{"stage": "sample", "round": 0, "key": "{key}"}}')
 
 
@@ -278,7 +279,7 @@ def test_a_judge_killed_half_way_sends_no_request_twice_for_a_judged_row(tiny_ll
         sent = [r.key for r in server.requests]
     assert not set(sent) & stored, "a row judged before the kill was sent again"
     assert sorted(sent) == sorted(set(sent)) and len(sent) == len(rows) - len(stored)
-    out = pd.read_parquet(tmp_path / "run" / "round-0" / "judge")
+    out = pd.read_parquet(tmp_path / "run" / "round-0" / "judge" / "policy")
     assert len(out) == len(rows) and out.score.notna().all()
     assert out.judge_cached.sum() == len(stored)
 
@@ -301,7 +302,7 @@ def test_the_key_appears_in_no_file_the_run_wrote_and_no_output(tiny_llama, tmp_
         assert any(r.outcome == "500" for r in server.requests)  # the echoing error bodies were sent
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert refused.returncode == 2 and "http 401" in refused.stderr and "Traceback" not in refused.stderr
-    judged = pd.read_parquet(tmp_path / "run" / "round-0" / "judge")
+    judged = pd.read_parquet(tmp_path / "run" / "round-0" / "judge" / "policy")
     assert (judged.score_reason == "http 500 after 2 tries").sum() == 1  # row 5 fails every try
     for text in (ok.stdout, ok.stderr, refused.stdout, refused.stderr):
         assert key not in text
@@ -315,7 +316,7 @@ def test_the_reason_of_an_unscored_row_names_what_went_wrong():
     """The client alone (no Ray) against rows that fail every try in one way each."""
     import asyncio
 
-    from stages.judge.client import JudgeClient
+    from stages.judge.openai import JudgeClient
 
     with FakeOpenAI(api_key=os.environ[JUDGE_KEY_ENV], stall=3.0, retry_after="0.01") as server:
         judge = judge_cfg(server, Path("/unused"), timeout=0.3, max_retries=1).judge

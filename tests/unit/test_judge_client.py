@@ -1,4 +1,4 @@
-"""The judge client's pure parts: backoff, Retry-After, secret redaction, pacing; and the cache."""
+"""The OpenAI client's pure parts (pipeline/openai_client.py): backoff, Retry-After, secret redaction, pacing; and the judge cache."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 import pytest
 
+from pipeline.openai_client import RateLimiter, backoff_delay, redact, retry_after_seconds
 from stages.judge.cache import JudgeCache, cache_key
-from stages.judge.client import RateLimiter, backoff_delay, redact, retry_after_seconds
 
 
 def test_backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half():
