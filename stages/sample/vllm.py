@@ -8,12 +8,14 @@ offset"), so the engine is seeded once (`sampler.seed`) and the seed is recorded
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from pipeline import quiet
 from pipeline.config import VLLMSampler
 from stages.sample.candidates import build_messages, finish_reason, stop_token_ids
 
@@ -79,7 +81,8 @@ def processor_config(sampler: VLLMSampler, model_path: str):
     )
     # vLLM logs every engine start at INFO, and a warning per weight when an fp32 checkpoint is
     # loaded in bf16: `sampler.engine_log_level` (default "error") keeps a run's output readable.
-    env = {"VLLM_LOGGING_LEVEL": sampler.engine_log_level.upper()}
+    # `engine_env` also lets vLLM, not Ray, shut the engine's processes down (pipeline/quiet.py).
+    env = quiet.engine_env(sampler.engine_log_level)
     extra: dict[str, Any] = {}
     if not sampler.use_gpu:
         # Without an explicit CPU bundle Ray Data asks for a GPU per engine and waits forever.
@@ -102,6 +105,9 @@ def processor_config(sampler: VLLMSampler, model_path: str):
 
 def generate(sampler: VLLMSampler, model_path: str, model_name: str, prompts: list[dict], out_dir: Path) -> None:
     """Write `sampler.n` candidates for every prompt as Parquet files under `out_dir`."""
+    # This process imports vLLM too (ray.data.llm builds the processor with it), and what vLLM
+    # logs on import reaches the run's own log handler: the engines' level holds here as well.
+    logging.getLogger("vllm").setLevel(sampler.engine_log_level.upper())
     from ray.data.llm import build_processor
 
     rows = [{**p, "candidate_id": c} for p in prompts for c in range(sampler.n)]
