@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
 
     cfg = load_config(args.config, args.overrides)
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        from pipeline import quiet
+
+        quiet.before_ray_import()  # a local cluster: Ray reads these variables when it is imported
     run_dir = args.run_dir or Path("runs") / cfg.name
     if args.command == "compare-judges":
         from pipeline.compare import compare_judges, format_comparison

@@ -93,7 +93,9 @@ def init_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        from pipeline import quiet
+
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet.ray_init_kwargs())  # its workers' setup hook
 
 
 class Runner:
