@@ -1,0 +1,141 @@
+"""The report's figures: pure functions from the report's tables to PNG files.
+
+Each takes what `pipeline.report` built (its eval rows, `RunData`, a confusion matrix) and a folder
+or path, draws with matplotlib's file-only Agg backend, and returns the PNG's path, or None where
+there is nothing to draw yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+    from pipeline.report import RunData
+
+# logps/* vary with each batch's pairs; rewards/* = β·(logp − ref_logp) show the drift from the
+# reference on the same pairs, where a drastic drop of the rejected side is easiest to see.
+TRAIN_CURVES = (
+    ("logps/chosen", "logps/rejected"),
+    ("rewards/chosen", "rewards/rejected"),
+    ("loss",),
+    ("rewards/margins", "rewards/accuracies"),
+)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _value(d: dict | None, key: str) -> float:
+    v = (d or {}).get(key)
+    return float("nan") if v is None else v
+
+
+def plot_scores(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Grouped bars (5 points, 4&5 points) per evaluated row; every other round shaded."""
+    rows = [row for row in rows if row["summary"]]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 3.8))
+    xs, width = range(len(rows)), 0.38
+    ax.bar([x - width / 2 for x in xs], [_value(r["summary"], "5_points") for r in rows], width, label="5 points")
+    ax.bar([x + width / 2 for x in xs], [_value(r["summary"], "4&5_points") for r in rows], width, label="4&5 points")
+    ax.set_xticks(list(xs), [f"round {r['round']}\n{r['part']}" for r in rows], fontsize=8)
+    for i, round_ in enumerate(sorted({r["round"] for r in rows})):
+        if i % 2:
+            at = [x for x, r in zip(xs, rows) if r["round"] == round_]
+            ax.axvspan(min(at) - 0.5, max(at) + 0.5, color="0.92", zorder=0)
+    ax.set_ylabel("share of held-out prompts")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("held-out judge scores: each round's policy, then its variants")
+    return _save(fig, out / "eval_scores.png")
+
+
+def plot_logps(cfg: RunConfig, data: RunData, out: Path) -> Path | None:
+    """Per scenario: before vs after bars of chosen and rejected per-token logps, per (round, variant)."""
+    from pipeline.report import scenario_name  # here, not at the top: report imports this module
+
+    key = "logps_per_token/"
+    by_scenario: dict[int, list[tuple[str, dict, dict]]] = {}
+    for r in data.rounds:
+        for name, tc in cfg.trains().items():
+            s = data.evals.get((r, name)) or {}
+            if s.get("before") and s.get("after"):
+                by_scenario.setdefault(tc.scenario, []).append((f"r{r}/{name}", s["before"], s["after"]))
+    if not by_scenario:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(by_scenario), figsize=(4.8 * len(by_scenario), 3.8), squeeze=False)
+    for ax, (k, entries) in zip(axes[0], sorted(by_scenario.items())):
+        labels = [f"{label}\n{side}" for label, _, _ in entries for side in ("chosen", "rejected")]
+        before = [_value(b, key + side) for _, b, _ in entries for side in ("chosen", "rejected")]
+        after = [_value(a, key + side) for _, _, a in entries for side in ("chosen", "rejected")]
+        xs, width = range(len(labels)), 0.38
+        ax.bar([x - width / 2 for x in xs], before, width, label="before (round's policy)", color="0.6")
+        ax.bar([x + width / 2 for x in xs], after, width, label="after (checkpoint)", color="tab:blue")
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(f"scenario {scenario_name(k)}")
+        ax.set_ylabel("mean log-prob per token")
+        ax.legend(fontsize=7)
+    return _save(fig, out / "logps.png")
+
+
+def plot_training(data: RunData, out: Path) -> Path | None:
+    """One line per (round, variant) and metric; colour = (round, variant), line style = metric."""
+    if not data.metrics:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(TRAIN_CURVES), figsize=(4.5 * len(TRAIN_CURVES), 3.6))
+    for ax, keys in zip(axes, TRAIN_CURVES):
+        for colour, ((r, variant), metrics) in enumerate(data.metrics.items()):
+            steps = [m.get("step", i) for i, m in enumerate(metrics)]
+            for style, key in zip(("-", "--"), keys):
+                if any(key in m for m in metrics):
+                    ax.plot(steps, [_value(m, key) for m in metrics], style, color=f"C{colour % 10}", marker="o",
+                            ms=3, label=f"{key} (r{r}/{variant})")  # fmt: skip
+        ax.set_xlabel("step")
+        ax.set_title(" vs ".join(keys))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out / "train_curves.png")
+
+
+def plot_confusion(confusion: Any, labels: list[int], names: tuple[str, str], path: Path) -> Path:
+    """A heatmap of the confusion matrix with the count in each cell; rows = judge A's score."""
+    import numpy as np
+
+    plt = _pyplot()
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    image = ax.imshow(cm, cmap="Blues", vmin=0)
+    ticks = list(range(len(labels)))
+    ax.set_xticks(ticks, [str(x) for x in labels])
+    ax.set_yticks(ticks, [str(x) for x in labels])
+    ax.set_xlabel(f"{names[1]} score")
+    ax.set_ylabel(f"{names[0]} score")
+    for i, j in np.ndindex(cm.shape):
+        dark = cm.max() > 0 and cm[i, j] > cm.max() / 2
+        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color="white" if dark else "black", fontsize=9)
+    ax.set_title(f"{names[0]} vs {names[1]} (n = {int(cm.sum())})")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
