@@ -25,7 +25,7 @@ def load_prompts(cfg: DataConfig, split: Split) -> list[dict]:
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if isinstance(cfg, BuiltinMathData):
-        return math_problems(cfg.num_train if split == "train" else cfg.num_eval, cfg.seed, split)
+        return math_problems(cfg.num_train if split == "train" else cfg.num_eval, cfg.seed, split, cfg.levels)
     if isinstance(cfg, FileData):
         def read(path: str) -> list[dict]:
             return _rows_from(path, _file_records(path, cfg.limit), cfg.fields, Path(path).stem)
@@ -287,26 +287,117 @@ def _discount(r: random.Random, name: str) -> tuple[str, list[str], int]:
              f"{name} pays {total} - {off} = {total - off} dollars."], total - off)
 
 
-# Easy (1-2 small steps) first, then medium (rates, percentages), then hard (3-4 steps).
-_TEMPLATES = (_gain_loss, _groups, _share, _percent_left, _unit_rate, _change, _bakery, _savings, _discount)
+# One-step problems with small numbers, added for the embedded 135M policy (see LEVELS).
+def _add(r: random.Random, name: str) -> tuple[str, list[str], int]:
+    a, b, item = r.randint(2, 9), r.randint(2, 9), r.choice(_ITEMS)
+    return (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+            [f"{name} has {a} {item} and gets {b} more: {a} + {b} = {a + b} {item}."], a + b)
 
 
-def math_problems(n: int, seed: int, split: Split) -> list[dict]:
-    """The built-in generator; same row shape.
+def _take_away(r: random.Random, name: str) -> tuple[str, list[str], int]:
+    a, item = r.randint(5, 15), r.choice(_ITEMS)
+    b = r.randint(1, a - 1)
+    return (f"{name} has {a} {item} and gives {b} away. How many {item} does {name} have left?",
+            [f"{name} gives {b} of {a} {item} away: {a} - {b} = {a - b} {item}."], a - b)
+
+
+def _double(r: random.Random, name: str) -> tuple[str, list[str], int]:
+    a, item = r.randint(2, 15), r.choice(_ITEMS)
+    return (f"{name} has {a} {item}. {name}'s sister has twice as many. How many {item} does the sister have?",
+            [f"Twice {a} is 2 × {a} = {2 * a} {item}."], 2 * a)
+
+
+def _sum(r: random.Random, name: str) -> tuple[str, list[str], int]:
+    a, b = r.randint(2, 20), r.randint(2, 20)
+    return f"{name} asks: what is {a} + {b}?", [f"{a} + {b} = {a + b}."], a + b
+
+
+def _plus_one(r: random.Random, name: str) -> tuple[str, list[str], int]:
+    a, item = r.randint(2, 9), r.choice(_ITEMS)
+    return (f"{name} has {a} {item} and finds 1 more. How many {item} does {name} have now?",
+            [f"{name} has {a} {item} and finds 1 more: {a} + 1 = {a + 1} {item}."], a + 1)
+
+
+def _add_small(r: random.Random, name: str) -> tuple[str, list[str], int]:
+    a, b, item = r.randint(2, 6), r.randint(2, 6), r.choice(_ITEMS)
+    return (f"{name} has {a} red {item} and {b} blue {item}. How many {item} does {name} have?",
+            [f"{name} has {a} red and {b} blue {item}: {a} + {b} = {a + b} {item}."], a + b)
+
+
+def _sum_small(r: random.Random, name: str) -> tuple[str, list[str], int]:
+    a, b = r.randint(1, 5), r.randint(1, 5)
+    return f"{name} asks: how much is {a} plus {b}?", [f"{a} + {b} = {a + b}."], a + b
+
+
+def _double_small(r: random.Random, name: str) -> tuple[str, list[str], int]:
+    a, item = r.randint(2, 6), r.choice(_ITEMS)
+    return (f"{name} has {a} {item} in each hand. How many {item} does {name} have in both hands?",
+            [f"{a} {item} in each of 2 hands: 2 × {a} = {2 * a} {item}."], 2 * a)
+
+
+Template = Callable[[random.Random, str], tuple[str, list[str], int]]
+TEMPLATES: dict[str, Template] = {
+    "gain_loss": _gain_loss, "groups": _groups, "share": _share, "percent_left": _percent_left,
+    "unit_rate": _unit_rate, "change": _change, "bakery": _bakery, "savings": _savings, "discount": _discount,
+    "add": _add, "take_away": _take_away, "double": _double, "sum": _sum,
+    "plus_one": _plus_one, "add_small": _add_small, "sum_small": _sum_small, "double_small": _double_small,
+}  # fmt: skip
+# Difficulty levels by the solve rate MEASURED on the embedded policy with configs/default.yaml's
+# sampler (bench/builtin_levels.py; bench/RESULTS.md, 2026-11-25: share of candidates scoring 5):
+# 1 at least 4%, 2 from 1.5% to 4%, 3 below 1.5%. Within a draw, templates are taken in this
+# order whatever the order of the levels asked for, so a level set gives the same problems
+# however it is written.
+LEVELS: dict[int, tuple[str, ...]] = {
+    1: ("sum", "add_small", "add", "sum_small", "plus_one", "double"),
+    2: ("groups", "take_away", "double_small", "share"),
+    3: ("gain_loss", "percent_left", "unit_rate", "change", "discount", "savings", "bakery"),
+}
+# A draw that keeps producing questions it already has has (nearly) run out of distinct ones.
+_MAX_REDRAWS = 10_000
+
+
+def templates_of(levels: Iterable[int]) -> tuple[str, ...]:
+    """The template names of `levels`, in LEVELS order; unknown or no levels raise ValueError."""
+    wanted = set(levels)
+    unknown = sorted(wanted - set(LEVELS), key=str)
+    if unknown or not wanted:
+        raise ValueError(f"levels must be a non-empty subset of {sorted(LEVELS)}, got {sorted(wanted, key=str)}")
+    return tuple(name for level in sorted(LEVELS) if level in wanted for name in LEVELS[level])
+
+
+def math_problems(n: int, seed: int, split: Split, levels: Iterable[int] = (1, 2, 3)) -> list[dict]:
+    """The built-in generator, drawing only from the templates of `levels`; same row shape."""
+    return template_problems(templates_of(levels), n, seed, split)
+
+
+def template_problems(templates: Iterable[str], n: int, seed: int, split: Split) -> list[dict]:
+    """`n` problems drawn uniformly from the named `templates` (keys of TEMPLATES).
 
     One rng per (seed, split), drawn from sequentially, so the first k of n problems equal the first
     k of n+m. A question already produced in this split is redrawn, so a split has no repeats.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    chosen = tuple(templates)
+    unknown = [t for t in chosen if t not in TEMPLATES]
+    if unknown or not chosen:
+        raise ValueError(f"unknown or no templates {unknown or chosen}; known: {', '.join(TEMPLATES)}")
+    makers = [TEMPLATES[t] for t in chosen]
     rng = random.Random(f"{seed}:{split}")
     names = _TRAIN_NAMES if split == "train" else _EVAL_NAMES
     rows: list[dict] = []
     seen: set[str] = set()
+    redraws = 0
     while len(rows) < n:
-        question, steps, answer = rng.choice(_TEMPLATES)(rng, rng.choice(names))
+        question, steps, answer = rng.choice(makers)(rng, rng.choice(names))
         if question in seen:
+            redraws += 1
+            if redraws > _MAX_REDRAWS:
+                raise UserError(f"the built-in math set ran out of distinct {split} questions after {len(rows)} "
+                                f"of {n} from templates {', '.join(chosen)}; ask for fewer (data.num_train / "
+                                "data.num_eval) or add levels (data.levels)")
             continue
+        redraws = 0
         seen.add(question)
         rows.append({"prompt_id": f"math-{split}-s{seed}-{len(rows):05d}", "prompt": question,
                      "solution": "\n".join([*steps, f"The answer is {answer}."]), "answer": str(answer)})

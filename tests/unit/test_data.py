@@ -6,11 +6,12 @@ import json
 import math
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
-from pipeline.config import BuiltinMathData, FieldMap, FileData, HFData
-from pipeline.data import PROMPT_COLUMNS, eval_indices, load_prompts, math_problems
+from pipeline.config import BuiltinMathData, FieldMap, FileData, HFData, load_config
+from pipeline.data import PROMPT_COLUMNS, eval_indices, load_prompts, math_problems, template_problems
 from pipeline.errors import UserError
 
 # One phrase per template that only that template's questions contain (checked independently of
@@ -25,7 +26,22 @@ TEMPLATE_MARKERS = {
     "bakery": r"trays of \w+ with",
     "savings": r"every week for",
     "discount": r"\d+% off the total",
+    "add": r"and gets \d+ more\. How many",
+    "take_away": r"gives \d+ away",
+    "double": r"twice as many",
+    "sum": r"asks: what is \d+ \+ \d+\?",
+    "plus_one": r"finds 1 more",
+    "add_small": r"\d+ red \w+ and \d+ blue",
+    "sum_small": r"asks: how much is \d+ plus \d+\?",
+    "double_small": r"in each hand",
 }
+# The levels as measured (bench/builtin_levels.py, bench/RESULTS.md); a change here is deliberate.
+LEVEL_TEMPLATES = {
+    1: {"sum", "add_small", "add", "sum_small", "plus_one", "double"},
+    2: {"groups", "take_away", "double_small", "share"},
+    3: {"gain_loss", "percent_left", "unit_rate", "change", "discount", "savings", "bakery"},
+}
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 STEP = re.compile(r"(\d+(?:\s*[-+×÷]\s*\d+)+)\s*=\s*(-?\d+)")
 LAST_LINE = re.compile(r"The answer is (-?\d+)\.")
 
@@ -76,13 +92,16 @@ def test_answers_are_integers_matching_the_last_line():
         assert int(r["answer"]) >= 0
 
 
+def _template(prompt: str) -> str:
+    hits = [name for name, pat in TEMPLATE_MARKERS.items() if re.search(pat, prompt)]
+    assert len(hits) == 1, (prompt, hits)
+    return hits[0]
+
+
 def test_every_template_appears_in_200():
-    rows = math_problems(200, 0, "train")
     seen = {name: 0 for name in TEMPLATE_MARKERS}
-    for r in rows:
-        hits = [name for name, pat in TEMPLATE_MARKERS.items() if re.search(pat, r["prompt"])]
-        assert len(hits) == 1, (r["prompt"], hits)
-        seen[hits[0]] += 1
+    for r in math_problems(200, 0, "train"):
+        seen[_template(r["prompt"])] += 1
     assert len(seen) >= 6 and all(seen.values()), seen
 
 
@@ -118,6 +137,81 @@ def test_load_prompts_builtin_counts():
     cfg = BuiltinMathData(num_train=12, num_eval=5, seed=9)
     assert load_prompts(cfg, "train") == math_problems(12, 9, "train")
     assert load_prompts(cfg, "eval") == math_problems(5, 9, "eval")
+
+
+# ── difficulty levels ────────────────────────────────────────────────────────────────────────
+@pytest.mark.parametrize("level", [1, 2, 3])
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_a_level_draws_only_and_every_one_of_its_templates(level, split):
+    seen = {_template(r["prompt"]) for r in math_problems(150, 0, split, [level])}
+    assert seen == LEVEL_TEMPLATES[level]
+
+
+def test_levels_partition_the_templates():
+    assert set.union(*LEVEL_TEMPLATES.values()) == set(TEMPLATE_MARKERS)
+    assert sum(map(len, LEVEL_TEMPLATES.values())) == len(TEMPLATE_MARKERS)
+
+
+def test_two_levels_draw_from_both_and_nothing_else():
+    seen = {_template(r["prompt"]) for r in math_problems(200, 1, "train", [1, 3])}
+    assert seen == LEVEL_TEMPLATES[1] | LEVEL_TEMPLATES[3]
+
+
+def test_level_one_is_one_step():
+    assert all(len(r["solution"].split("\n")) == 2 for r in math_problems(200, 0, "train", [1]))
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_a_level_is_deterministic_prefix_stable_and_without_repeats(level):
+    rows = math_problems(300, 4, "train", [level])
+    assert rows == math_problems(300, 4, "train", [level])
+    assert math_problems(57, 4, "train", [level]) == rows[:57]
+    assert len({r["prompt"] for r in rows}) == 300
+    assert [r["prompt"] for r in math_problems(300, 5, "train", [level])] != [r["prompt"] for r in rows]
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_a_level_keeps_train_and_eval_disjoint(level):
+    train = {r["prompt"] for r in math_problems(2000, 0, "train", [level])}
+    evals = {r["prompt"] for r in math_problems(1000, 0, "eval", [level])}
+    assert not train & evals
+
+
+def test_order_and_repeats_of_levels_do_not_matter():
+    assert math_problems(60, 2, "eval", [3, 1]) == math_problems(60, 2, "eval", [1, 3, 1])
+
+
+def test_every_level_keeps_worked_solutions_and_answers():
+    for level in (1, 2, 3):
+        for r in math_problems(100, 3, "eval", [level]):
+            assert tuple(r) == PROMPT_COLUMNS
+            assert r["solution"].endswith(f"The answer is {r['answer']}.") and "=" in r["solution"]
+
+
+def test_load_prompts_passes_the_levels():
+    cfg = BuiltinMathData(num_train=20, num_eval=6, seed=2, levels=[2])
+    assert load_prompts(cfg, "train") == math_problems(20, 2, "train", [2])
+    assert load_prompts(cfg, "eval") == math_problems(6, 2, "eval", [2])
+    assert {_template(r["prompt"]) for r in load_prompts(cfg, "train")} <= LEVEL_TEMPLATES[2]
+
+
+@pytest.mark.parametrize("levels, error", [("[]", "at least 1 item"), ("[4]", "Input should be 1, 2 or 3"),
+                                           ("[0, 1]", "Input should be 1, 2 or 3"), ("[easy]", "Input should be")])
+def test_config_refuses_unknown_or_no_levels(levels, error):
+    with pytest.raises(UserError, match=r"data\.levels.*" + re.escape(error)):
+        load_config(DEFAULT_CONFIG, [f"data.levels={levels}"])
+
+
+@pytest.mark.parametrize("levels", [[], [4], [0, 1]])
+def test_generator_refuses_unknown_or_no_levels(levels):
+    with pytest.raises(ValueError, match=r"levels must be a non-empty subset of \[1, 2, 3\]"):
+        math_problems(5, 0, "train", levels)
+
+
+def test_a_draw_that_runs_out_of_distinct_questions_says_so():
+    # `sum` has 12 names x 19 x 19 = 4,332 questions per split
+    with pytest.raises(UserError, match=r"ran out of distinct train questions after \d+ of 5000 .*\(data\.num_train"):
+        template_problems(["sum"], 5000, 0, "train")
 
 
 # ── user files ───────────────────────────────────────────────────────────────────────────────
