@@ -63,6 +63,18 @@ def server():
         yield s
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_ray_after_this_module():
+    """A stage that fails inside Ray Data (the tests below make it fail on purpose) can leave its
+    actor pool holding a CPU after the exception; a CLI run ends its process there, but this test
+    session goes on, and the next module's 2-worker training would wait for that CPU. The next
+    module gets a fresh cluster (Ray starts one on first use)."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def first_run(server, ray_local, tmp_path_factory):
     """30 prompts, 4 candidates each, against the faulty server; the output and the server's log."""
