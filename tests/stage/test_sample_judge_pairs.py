@@ -33,7 +33,7 @@ def cfg(tiny_llama) -> RunConfig:
 def sampled(cfg, tiny_llama, ray_local, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample")
     stats = stages.sample.run(cfg, {"policy": str(tiny_llama), "policy_name": "tiny-llama"}, out)
-    assert stats == {"prompts": N_PROMPTS, "rows": N_PROMPTS * N}
+    assert stats == {"prompts": N_PROMPTS, "rows": N_PROMPTS * N, "model": "tiny-llama"}
     return out
 
 
