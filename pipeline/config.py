@@ -282,18 +282,81 @@ class PairsConfig(Block):
 
 
 # ── train ────────────────────────────────────────────────────────────────────────────────────
+# Each method's loss is in stages/train/objectives.py, with its formula; h = (c − c₀) − (r − r₀).
 class DPOMethod(Block):
-    """DPO (Rafailov et al., 2023): loss = -log σ(β·h)."""
+    """DPO (Rafailov et al., 2023): loss = −log σ(β·h)."""
 
     type: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0.0)
 
 
-MethodConfig = Annotated[Union[DPOMethod], Field(discriminator="type")]
+class IPOMethod(Block):
+    """IPO (Azar et al., 2023), length-averaged as TRL: loss = (h̄ − 1/(2β))², β playing τ."""
+
+    type: Literal["ipo"] = "ipo"
+    beta: float = Field(0.1, gt=0.0, description="τ: the target per-token margin is 1/(2β)")
+
+
+class SLiCMethod(Block):
+    """SLiC-HF (Zhao et al., 2023): loss = max(0, δ − c + r) − λ·c; `form: hinge` is TRL's
+    reference-relative `max(0, 1 − β·h)` instead."""
+
+    type: Literal["slic"] = "slic"
+    form: Literal["slic", "hinge"] = Field("slic", description="slic: the paper's, reference-free; hinge: TRL's")
+    delta: float = Field(1.0, gt=0.0, description="δ: the margin in nats y+ must beat y− by (form slic)")
+    sft_weight: float = Field(0.1, ge=0.0, description="λ: weight of the chosen response's cross-entropy (form slic)")
+    beta: float = Field(0.1, gt=0.0, description="β of the hinge form")
+
+
+class SimPOMethod(Block):
+    """SimPO (Meng et al., 2024): loss = −log σ(β·c/|y+| − β·r/|y−| − γ); no reference model."""
+
+    type: Literal["simpo"] = "simpo"
+    beta: float = Field(2.0, gt=0.0)
+    gamma: float = Field(0.5, ge=0.0, description="γ: the target reward margin")
+
+
+class FlexDPOMethod(Block):
+    """Flex-DPO (seed 003 §3.3): loss = −log σ(β+·(c − c₀) − β−·(r − r₀)); a lower β− slows the
+    drop of the rejected responses' likelihood."""
+
+    type: Literal["flex_dpo"] = "flex_dpo"
+    beta_chosen: float = Field(0.1, gt=0.0, description="β+")
+    beta_rejected: float = Field(0.05, gt=0.0, description="β− (paper's best: ≈0.08 on poems, 0.01 on math)")
+
+
+class DPOSFTMethod(Block):
+    """DPO+SFT: loss = −log σ(β·h) + λ·(−c/|y+|), keeping a gradient on y+ as π(y−) → 0."""
+
+    type: Literal["dpo_sft"] = "dpo_sft"
+    beta: float = Field(0.1, gt=0.0)
+    sft_weight: float = Field(1.0, ge=0.0, description="λ: weight of the chosen response's mean per-token NLL")
+
+
+MethodConfig = Annotated[
+    Union[DPOMethod, IPOMethod, SLiCMethod, SimPOMethod, FlexDPOMethod, DPOSFTMethod], Field(discriminator="type")
+]
+
+
+class GuardConfig(Block):
+    """Watch logratios/rejected (logp(y−) − ref_logp(y−) on the step's pairs) and act on a drastic
+    drop, once (stages/train/guard.py)."""
+
+    drop_per_step: float | None = Field(2.0, gt=0.0, description="fire when it falls more than this many nats per step, "
+                                        "averaged over `window` steps; None: off")  # fmt: skip
+    window: int = Field(5, ge=1)
+    below_reference: float | None = Field(None, gt=0.0, description="fire when it is below −this many nats; None: off")
+    action: Literal["warn", "lower_beta_rejected", "raise_sft_weight"] = Field(
+        "warn", description="after the warning: multiply β− by `factor` (dpo, flex_dpo), or set λ to `sft_weight` "
+        "(dpo, dpo_sft), for the rest of the run"
+    )
+    factor: float = Field(0.5, gt=0.0, lt=1.0)
+    sft_weight: float = Field(1.0, gt=0.0)
 
 
 class TrainConfig(Block):
     method: MethodConfig = DPOMethod()
+    guard: GuardConfig | None = Field(None, description="beyond the paper: act on a drastic drop of the rejected log-ratio")
     scenario: Literal[1, 2, 3, 4] = Field(1, description="whose pairs (pairs/s<scenario>) this training reads")
     num_workers: int = Field(2, ge=1, description="Ray Train workers; FSDP2 shards across them")
     use_gpu: bool = False
@@ -303,6 +366,17 @@ class TrainConfig(Block):
     lr: float = Field(5e-6, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="after the warm-up")
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="pairs per forward on each worker; gradient accumulation makes up the worker's "
+        "share of batch_size (None: the whole share at once)"
+    )
+    activation_checkpointing: bool = Field(False, description="recompute each layer in backward: less memory, ~1 more forward")
+    diagnostics_every: int | None = Field(
+        10, ge=1, description="log the chosen and rejected terms' parameter-gradient norms every this many steps "
+        "(two extra forward/backward passes each time); None: never"
+    )
     grad_clip: float | None = Field(1.0, gt=0.0)
     max_length: int = Field(512, ge=8, description="prompt+response tokens; longer pairs are truncated")
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -314,6 +388,20 @@ class TrainConfig(Block):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers}) "
                 "so every worker gets the same share of each global batch"
+            )
+        if self.guard is not None:
+            kind = self.method.type
+            if kind in ("simpo", "slic") and not (kind == "slic" and self.method.form == "hinge"):
+                raise ValueError(f"guard watches logp(y−) − ref_logp(y−): method {kind} has no reference model")
+            allowed = {"lower_beta_rejected": ("dpo", "flex_dpo"), "raise_sft_weight": ("dpo", "dpo_sft")}
+            if self.guard.action in allowed and kind not in allowed[self.guard.action]:
+                raise ValueError(f"guard.action {self.guard.action} applies to {' and '.join(allowed[self.guard.action])}, "
+                                 f"not {kind}; use action: warn")  # fmt: skip
+        share = self.batch_size // self.num_workers
+        if self.micro_batch_size is not None and self.micro_batch_size < share and share % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must divide each worker's share of the batch "
+                f"(batch_size / num_workers = {share})"
             )
         return self
 
