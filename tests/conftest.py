@@ -70,3 +70,18 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_variables_leak_from_a_test():
+    """The CLI (`pipeline.quiet.before_ray_import`) sets Ray's variables for a process that is about
+    to import Ray; in this process Ray is imported already, so a local cluster started by a later
+    test would disagree with them (RAY_AUTH_MODE=token without a token: GCS refuses to start)."""
+    keys = ("RAY_AUTH_MODE", "RAY_DEDUP_LOGS_SKIP_REGEX")
+    saved = {key: os.environ.get(key) for key in keys}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

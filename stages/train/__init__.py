@@ -8,8 +8,9 @@ rewards against `inputs["ref_model"]` (the same model, or the run's initial poli
 Writes into the stage folder:
 - `checkpoint/`: a plain HF folder (the config as loaded: dropout is switched off for training
   only, never in the saved config);
-- `metrics.jsonl`: one line per step, TRL's metric names;
-- `reference_logps.parquet`: `prompt_id, ref_chosen_logps, ref_rejected_logps`, one row per pair
+- `metrics.jsonl`: one line per step, TRL's metric names plus the 3D diagnostics (names in
+  `stages/train/objectives.py` and `loop.term_grad_norms`), the same in `tensorboard/`;
+- `reference_logps.parquet` (methods with a reference): `prompt_id, ref_chosen_logps, ref_rejected_logps`, one row per pair
   in the pairs file's order — the reference log-probs every step's reward is measured from,
   under the precision policy of `stages/train/precision.py`, in `reference_batches_for`'s
   batches; evaluate's "before" log-probs are checked against them.
@@ -19,6 +20,7 @@ The worker loop is `stages/train/loop.py`.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,6 +30,7 @@ from pipeline.errors import UserError
 from stages.train.precision import TRAIN_WORKER_CPUS
 
 log = logging.getLogger("pipeline.train")
+NONFINITE = "non-finite loss or gradient"  # the worker's FloatingPointError, recognised here
 
 
 def effective_batch_size(num_pairs: int, batch_size: int, num_workers: int) -> int:
@@ -52,8 +55,10 @@ def reference_batches_for(num_pairs: int, tc: TrainConfig) -> list[list[int]]:
     "before") runs these batches."""
     from stages.train.loop import epoch_order, reference_batches
 
+    from stages.train.loop import micro_batch_for
+
     share = effective_batch_size(num_pairs, tc.batch_size, tc.num_workers) // tc.num_workers
-    return reference_batches(epoch_order(num_pairs, tc.seed, 0), share, tc.num_workers)
+    return reference_batches(epoch_order(num_pairs, tc.seed, 0), micro_batch_for(share, tc.micro_batch_size), tc.num_workers)
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
@@ -75,11 +80,23 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
             "policy": inputs["policy"], "ref_model": inputs.get("ref_model", inputs["policy"]),
             "pairs": str(pairs_file), "out": str(out),
             "train": tc.model_dump(mode="json"), "batch_size": batch_size,
+            # fault injection for tests: a NaN loss at this step
+            "inject_nan_at_step": int(os.environ.get("PIPELINE_TRAIN_INJECT_NAN_AT_STEP", 0)) or None,
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": TRAIN_WORKER_CPUS}),
         run_config=TrainRunConfig(name="train", storage_path=str(out.parent.resolve() / ".ray-train")),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:  # Ray Train wraps the worker's exception; a NaN is the user's to act on
+        if NONFINITE in str(err):
+            line = next(x for x in str(err).splitlines() if NONFINITE in x)
+            raise UserError(
+                f"training stopped: {line.split('FloatingPointError: ')[-1].strip()}. No update from that step was "
+                f"applied; nothing was saved as {out / 'checkpoint'} and the round's policy is unchanged. Lower "
+                "train.lr, turn on train.grad_clip, or check the pairs (metrics so far: metrics.jsonl)"
+            ) from None
+        raise
     steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
     return {"pairs": num_pairs, "batch_size": batch_size, "steps": steps, "rows": steps}

@@ -9,16 +9,22 @@ Every worker runs `train_loop`. The recipe:
    reference model in memory during training); rank 0 writes them to `reference_logps.parquet`.
    A reference other than the starting policy (round k > 0 with `next_round.ref_model:
    initial`) is loaded the same way for that pass only, then freed;
-3. for each global batch of `batch_size` pairs, worker r takes its contiguous share, computes the
-   objective's mean over that share and backpropagates; FSDP averages the gradients over
-   workers, so the update equals the single-process update on the whole global batch;
-4. rank 0 logs TRL-named metrics (global means) to `metrics.jsonl` with a progress bar;
+3. for each global batch of `batch_size` pairs, worker r takes its share (`batch_size / workers`
+   pairs) in micro-batches (`schedule.micro_batches`), runs the objective
+   (`stages/train/objectives.py`, chosen with `train.method.type`) on each and backpropagates the
+   sum of its losses over the share: gradient accumulation gives the update of one big batch, and
+   FSDP averages the gradients over workers, so the update equals the single-process update on
+   the whole global batch; a reference-free method (SimPO, SLiC) skips step 2;
+4. rank 0 logs TRL-named metrics (global means) plus the 3D diagnostics — per-token logps,
+   |∂L/∂logp(y±)|, and every `diagnostics_every` steps the chosen and rejected terms' parameter-
+   gradient norms (`term_grad_norms`) — to `metrics.jsonl` and TensorBoard, with a progress bar;
 5. the full state dict is gathered to rank 0 and saved as a plain HF folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -27,20 +33,29 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from stages.train import NONFINITE
 from stages.train.batch import Batch, TokenizedPair, collate, tokenize_pair
+from stages.train.guard import guard_reason, guarded_method
 from stages.train.logps import sequence_logps
-from stages.train.objectives import Objective, ObjectiveOutput, objective_for
+from stages.train.objectives import Objective, ObjectiveOutput, PairLogps, needs_reference, objective_for
 from stages.train.precision import fsdp_policy
+from stages.train.schedule import lr_factor, micro_batches
+
+log = logging.getLogger("pipeline.train")
 
 
 # ── building blocks (also used by the FSDP equivalence test) ────────────────────────────────
-def load_policy(path: str, dtype: str, device: torch.device):
+def load_policy(path: str, dtype: str, device: torch.device, activation_checkpointing: bool = False):
     """The policy with dropout off, FSDP2-sharded under the run's precision policy
-    (`stages/train/precision.py`: bf16 means bf16 compute over fp32 master weights)."""
+    (`stages/train/precision.py`: bf16 means bf16 compute over fp32 master weights).
+    Activation checkpointing recomputes each decoder layer's activations in the backward pass:
+    memory of one layer's activations instead of all, for about one more forward."""
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
     model = disable_dropout(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device))
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = fsdp_policy(dtype)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
@@ -152,17 +167,61 @@ def write_reference_logps(path: Path, prompt_ids: list, ref_chosen: Tensor, ref_
     }).to_parquet(path, index=False)  # fmt: skip
 
 
-def step_loss(model, batch: Batch, ref_chosen: Tensor, ref_rejected: Tensor, objective: Objective) -> tuple[Tensor, ObjectiveOutput]:
-    """This worker's mean loss over its share of the global batch, and per-pair metrics."""
+def response_tokens(batch: Batch) -> tuple[Tensor, Tensor]:
+    """|y+|, |y−| per pair: the response tokens `sequence_logps` sums over (for the length-normalised
+    objectives: IPO, SimPO, DPO+SFT, and the per-token metrics)."""
+    counts = batch.loss_mask[:, 1:].sum(-1)
+    return counts[: batch.num_pairs], counts[batch.num_pairs :]
+
+
+def pair_logps(model, batch: Batch, ref_chosen: Tensor | None, ref_rejected: Tensor | None) -> PairLogps:
+    """The objective's input for one batch: one forward over its 2B sequences; `ref_*` None for a
+    reference-free method."""
     chosen, rejected = policy_logps(model, batch)
-    out = objective(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype))
-    return out.losses.mean(), out
+    chosen_tokens, rejected_tokens = response_tokens(batch)
+    cast = (lambda t: None if t is None else t.to(chosen.dtype))  # fmt: skip
+    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, cast(ref_chosen), cast(ref_rejected))
 
 
-def global_means(out: ObjectiveOutput, global_pairs: int) -> dict[str, float]:
-    """Mean of each per-pair metric over the whole global batch (sums all-reduced over ranks)."""
-    names = ["loss", *out.metrics]
-    local = torch.stack([out.losses.detach().sum(), *(m.sum() for m in out.metrics.values())]).float()
+def step_loss(model, batch: Batch, ref_chosen: Tensor | None, ref_rejected: Tensor | None, objective: Objective,
+              scale: float | None = None) -> tuple[Tensor, ObjectiveOutput]:  # fmt: skip
+    """This worker's loss for one micro-batch, and per-pair metrics: the mean over the batch, or
+    the sum divided by `scale` (the worker's pairs per step) when the step accumulates several
+    micro-batches, so the accumulated gradient is the mean over the worker's share."""
+    out = objective(pair_logps(model, batch, ref_chosen, ref_rejected))
+    return (out.losses.mean() if scale is None else out.losses.sum() / scale), out
+
+
+def term_grad_norms(model, batches: list[Batch], refs: list[tuple[Tensor | None, Tensor | None]],
+                    objective: Objective, scale: float) -> dict[str, float]:  # fmt: skip
+    """‖∇θ‖ of the chosen and of the rejected term of this step's loss, taken separately (seed 003
+    Figure 10: which side drives the update).
+
+    Every objective depends on θ only through c = logp(y+) and r = logp(y−), so
+    `∇θ L = Σ_i ∂L/∂c_i ∇θ c_i + Σ_i ∂L/∂r_i ∇θ r_i`; with the closed-form ∂L/∂c_i, ∂L/∂r_i held
+    fixed, the surrogate `Σ_i ∂L/∂c_i · c_i` has exactly the chosen term as its gradient. Two extra
+    forward/backward passes per diagnostic step, gradients zeroed after: the step itself is
+    unchanged. Norms are global (FSDP shards and workers).
+    """
+    norms = {}
+    for side in ("chosen", "rejected"):
+        for batch, (ref_chosen, ref_rejected) in zip(batches, refs):
+            out_lp = pair_logps(model, batch, ref_chosen, ref_rejected)
+            out = objective(out_lp)
+            weight, logps = (out.dloss_dchosen, out_lp.chosen) if side == "chosen" else (out.dloss_drejected, out_lp.rejected)
+            ((weight * logps).sum() / scale).backward()
+        norms[f"grad_norm/{side}"] = _grad_norm(model)
+        model.zero_grad(set_to_none=True)
+    return norms
+
+
+def global_means(out: ObjectiveOutput | list[ObjectiveOutput], global_pairs: int) -> dict[str, float]:
+    """Mean of each per-pair metric over the whole global batch (sums over this worker's
+    micro-batches, all-reduced over ranks)."""
+    outs = out if isinstance(out, list) else [out]
+    names = ["loss", *outs[0].metrics]
+    local = torch.stack([sum(o.losses.detach().sum() for o in outs),
+                         *(sum(o.metrics[n].sum() for o in outs) for n in outs[0].metrics)]).float()  # fmt: skip
     dist.all_reduce(local, op=dist.ReduceOp.SUM)
     return {name: float(v) / global_pairs for name, v in zip(names, local)}
 
@@ -221,43 +280,122 @@ def train_loop(config: dict[str, Any]) -> None:
     objective = objective_for(cfg.method)
     batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
     share = batch_size // world
+    micro = micro_batch_for(share, cfg.micro_batch_size)
     first_order = epoch_order(len(pairs), cfg.seed, 0)
     ref_path = config.get("ref_model", config["policy"])
-    if ref_path != config["policy"]:
+    ref_chosen = ref_rejected = None
+    if needs_reference(cfg.method) and ref_path != config["policy"]:
         reference = load_policy(ref_path, cfg.dtype, device)
-        ref_chosen, ref_rejected = reference_logps(reference, pairs, pad_id, share, device, first_order)
+        ref_chosen, ref_rejected = reference_logps(reference, pairs, pad_id, micro, device, first_order)
         del reference
-    model = load_policy(config["policy"], cfg.dtype, device)
-    if ref_path == config["policy"]:
-        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device, first_order)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if rank == 0:
+    model = load_policy(config["policy"], cfg.dtype, device, cfg.activation_checkpointing)
+    if needs_reference(cfg.method) and ref_path == config["policy"]:
+        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, micro, device, first_order)
+    if rank == 0 and ref_chosen is not None:
         write_reference_logps(out / "reference_logps.parquet", [row["prompt_id"] for row in rows], ref_chosen, ref_rejected)
+    optimizer = make_optimizer(model, cfg)
     schedule = batch_schedule(len(pairs), batch_size, cfg.epochs, cfg.seed, cfg.max_steps)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, len(schedule), cfg.warmup_steps, cfg.lr_schedule)
+    )
+    guard = Guard(cfg.guard, cfg.method) if cfg.guard else None
     bar = _progress(len(schedule)) if rank == 0 else None
+    writer = _tensorboard(out) if rank == 0 else None
     model.train()
+
+    def refs(indices: list[int]) -> tuple[Tensor | None, Tensor | None]:
+        return (None, None) if ref_chosen is None else (ref_chosen[indices], ref_rejected[indices])
+
     for step, indices in enumerate(schedule):
-        mine = indices[rank * share : (rank + 1) * share]
-        batch = collate([pairs[i] for i in mine], pad_id).to(device)
-        loss, outputs = step_loss(model, batch, ref_chosen[mine], ref_rejected[mine], objective)
-        loss.backward()
+        mine = micro_batches(indices, rank, world, micro)
+        batches = [collate([pairs[i] for i in chunk], pad_id).to(device) for chunk in mine]
+        diagnostics = {}
+        if cfg.diagnostics_every and (step % cfg.diagnostics_every == 0 or step == len(schedule) - 1):
+            diagnostics = term_grad_norms(model, batches, [refs(c) for c in mine], objective, scale=share)
+        outputs = []
+        for chunk, batch in zip(mine, batches):
+            loss, out_micro = step_loss(model, batch, *refs(chunk), objective, scale=share)
+            loss.backward()
+            outputs.append(out_micro)
         grad_norm = _clip(model, cfg.grad_clip)
-        lr = warmup.get_last_lr()[0]  # the rate this step used
+        metrics = global_means(outputs, batch_size)  # identical on every rank: so is the guard's decision
+        if step + 1 == config.get("inject_nan_at_step"):  # fault injection for tests (stages/train/__init__.py)
+            metrics["loss"] = float("nan")
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+            # Every rank sees the same global numbers and stops before `optimizer.step`: no update
+            # from a non-finite gradient reaches the weights.
+            raise FloatingPointError(f"{NONFINITE} at step {step + 1}: loss={metrics['loss']}, grad_norm={grad_norm}")
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
-        warmup.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics = global_means(outputs, batch_size)
+        fired = guard.update(metrics, step + 1) if guard else None
+        if fired:
+            objective = objective_for(guard.method)
         if rank == 0:
-            record = {"step": step + 1, "epoch": step * batch_size / len(pairs), **metrics,
-                      "grad_norm": grad_norm, "lr": lr}  # fmt: skip
+            record = {"step": step + 1, "epoch": step * batch_size / len(pairs), **metrics, **diagnostics,
+                      "grad_norm": grad_norm, "lr": lr, **({"guard": fired} if fired else {})}  # fmt: skip
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(f"train/{name}", value, step + 1)
+            if fired:
+                log.warning("train guard fired at step %d: %s", step + 1, fired)
             bar.set_description(f"train loss={metrics['loss']:.4f} margin={metrics['rewards/margins']:.3f}")
             bar.update(1)
     if bar is not None:
         bar.close()
+        writer.close()
     save_hf_checkpoint(model, tokenizer, out / "checkpoint")
+
+
+class Guard:
+    """The guard's state in the loop (stages/train/guard.py): the watched history, fired once."""
+
+    def __init__(self, cfg, method):
+        self.cfg, self.method, self.history, self.fired = cfg, method, [], False
+
+    def update(self, metrics: dict[str, float], step: int) -> str | None:
+        """The guard's message at `step` if it fires now (and `self.method` is then the new method)."""
+        if self.fired:
+            return None
+        self.history.append(metrics["logratios/rejected"])
+        reason = guard_reason(self.history, self.cfg)
+        if reason is None:
+            return None
+        self.fired, before = True, self.method
+        self.method = guarded_method(self.method, self.cfg)
+        changed = "" if self.method == before else f"; method from now on: {self.method.model_dump()}"
+        return f"{reason}; action {self.cfg.action}{changed}"
+
+
+def micro_batch_for(share: int, micro_batch_size: int | None) -> int:
+    """The micro-batch a worker runs: its whole share, or `micro_batch_size` when that divides the share."""
+    if micro_batch_size is None or micro_batch_size >= share:
+        return share
+    if share % micro_batch_size:
+        raise ValueError(f"train.micro_batch_size ({micro_batch_size}) must divide each worker's share of the batch ({share})")
+    return micro_batch_size
+
+
+def make_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """AdamW (DPO's, TRL's default) or RMSprop (the OGD paper's, seed 001 §5)."""
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _tensorboard(out: Path):
+    """TensorBoard event files in the stage folder: `tensorboard --logdir RUN_DIR` finds every
+    variant's and round's (they are named by their folders)."""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir=str(out / "tensorboard"), flush_secs=10)
+
+
+def _grad_norm(model) -> float:
+    return _clip(model, None)
 
 
 def _clip(model, max_norm: float | None) -> float:

@@ -1,11 +1,14 @@
-"""The DPO step on 2 FSDP workers equals the step on 1 worker for the same global batch.
+"""The DPO step on 2 FSDP workers equals the step on 1 worker for the same global batch, and a
+step accumulated over micro-batches equals the step on the whole batch.
 
 Both runs use the real building blocks of `stages/train/loop.py` inside a Ray Train
 `TorchTrainer` (gloo, CPU): `load_policy` (FSDP2), `reference_logps`, `step_loss`,
 `global_means`. To make policy and reference differ (otherwise the DPO loss is exactly ln 2),
 every parameter gets a deterministic perturbation after the reference pass, and the reference
 log-probs get per-pair offsets. The single-worker result is also checked against a plain float64
-computation in the test process that does not use the FSDP building blocks.
+computation in the test process that does not use the FSDP building blocks — which also gives
+the chosen and rejected terms' gradient norms (autograd through logp(y+) alone, logp(y−) alone)
+that `term_grad_norms` reports from the objective's closed form.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ def fsdp_step_worker(config: dict) -> None:
     from transformers import AutoTokenizer
 
     from stages.train.batch import collate, tokenize_pair
-    from stages.train.loop import global_means, load_policy, reference_logps, step_loss
+    from stages.train.loop import global_means, load_policy, reference_logps, step_loss, term_grad_norms
     from stages.train.objectives import dpo
+    from stages.train.schedule import micro_batches
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = ray.train.torch.get_device()
@@ -97,13 +101,18 @@ def fsdp_step_worker(config: dict) -> None:
             p.add_(delta)
 
     share = GLOBAL_BATCH // world
-    mine = list(range(rank * share, (rank + 1) * share))
-    batch = collate([pairs[i] for i in mine], pad_id).to(device)
-    idx = torch.tensor(mine, device=ref_chosen.device)
+    chunks = micro_batches(list(range(GLOBAL_BATCH)), rank, world, config.get("micro") or share)
+    batches = [collate([pairs[i] for i in chunk], pad_id).to(device) for chunk in chunks]
+    refs = [(ref_chosen[chunk], ref_rejected[chunk]) for chunk in chunks]
     model.train()
-    loss, out = step_loss(model, batch, ref_chosen[idx], ref_rejected[idx], lambda *a: dpo(*a, beta=BETA))
-    loss.backward()
-    metrics = global_means(out, GLOBAL_BATCH)
+    objective = lambda lp: dpo(lp, beta=BETA)  # noqa: E731
+    term_norms = term_grad_norms(model, batches, refs, objective, scale=share)
+    loss, outs = 0.0, []
+    for batch, ref in zip(batches, refs):
+        micro_loss, out = step_loss(model, batch, *ref, objective, scale=share)
+        micro_loss.backward()
+        loss, outs = loss + micro_loss.item(), outs + [out]
+    metrics = global_means(outs, GLOBAL_BATCH)
 
     grads = {}
     for name, p in model.named_parameters():
@@ -114,21 +123,21 @@ def fsdp_step_worker(config: dict) -> None:
         grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu().clone()
     without_grad = [name for name, p in params_after_reference if p.grad is None]
     if rank == 0:
-        torch.save({"world": world, "local_loss": loss.item(), "metrics": metrics, "grads": grads,
-                    "without_grad": without_grad}, config["result"])  # fmt: skip
+        torch.save({"world": world, "local_loss": loss, "metrics": metrics, "grads": grads,
+                    "without_grad": without_grad, "term_norms": term_norms}, config["result"])  # fmt: skip
     dist.barrier()
 
 
-def _run(tiny_llama: Path, workers: int, tmp_path: Path) -> dict:
+def _run(tiny_llama: Path, workers: int, tmp_path: Path, micro: int | None = None) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    result = tmp_path / f"result-w{workers}.pt"
+    result = tmp_path / f"result-w{workers}-m{micro}.pt"
     trainer = TorchTrainer(
         fsdp_step_worker,
-        train_loop_config={"policy": str(tiny_llama), "pairs": PAIRS, "result": str(result)},
+        train_loop_config={"policy": str(tiny_llama), "pairs": PAIRS, "result": str(result), "micro": micro},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-        run_config=RunConfig(name=f"fsdp-w{workers}", storage_path=str(tmp_path / "ray-train")),
+        run_config=RunConfig(name=f"fsdp-w{workers}-m{micro}", storage_path=str(tmp_path / "ray-train")),
     )
     trainer.fit()
     return torch.load(result, weights_only=False)
@@ -158,10 +167,19 @@ def _plain_float64(tiny_llama: Path) -> dict:
     pol_c = torch.stack([logp(p.prompt, p.chosen) for p in pairs])
     pol_r = torch.stack([logp(p.prompt, p.rejected) for p in pairs])
     loss = -F.logsigmoid(BETA * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
+    params = [p for p in model.parameters()]
+
+    def norm_through(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+        term = -F.logsigmoid(BETA * ((chosen - ref_c) - (rejected - ref_r))).mean()
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return math.sqrt(sum(float((g**2).sum()) for g in grads if g is not None))
+
+    term_norms = {"grad_norm/chosen": norm_through(pol_c, pol_r.detach()),
+                  "grad_norm/rejected": norm_through(pol_c.detach(), pol_r)}  # fmt: skip
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     return {"loss": loss.item(), "logps/chosen": pol_c.detach().mean().item(), "logps/rejected": pol_r.detach().mean().item(),
-            "grads": grads}  # fmt: skip
+            "grads": grads, "term_norms": term_norms}  # fmt: skip
 
 
 def test_pairs_have_different_lengths(tiny_llama):
@@ -180,6 +198,27 @@ def steps(tiny_llama, ray_local, tmp_path_factory) -> dict[int, dict]:
     """The same step on 1 and on 2 workers, each in a fresh TorchTrainer run."""
     tmp_path = tmp_path_factory.mktemp("fsdp-equivalence")
     return {workers: _run(tiny_llama, workers, tmp_path) for workers in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def accumulated(tiny_llama, ray_local, tmp_path_factory) -> dict[int, dict]:
+    """The same global batch of 4 accumulated over micro-batches: 1 worker × 2 micro-batches of 2,
+    and 2 workers × 2 micro-batches of 1."""
+    tmp_path = tmp_path_factory.mktemp("accumulation")
+    return {1: _run(tiny_llama, 1, tmp_path, micro=2), 2: _run(tiny_llama, 2, tmp_path, micro=1)}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_accumulation_matches_one_big_batch(steps, accumulated, workers):
+    one, acc = steps[1], accumulated[workers]
+    assert acc["world"] == workers
+    for key, value in one["metrics"].items():
+        assert acc["metrics"][key] == pytest.approx(value, abs=1e-5), key
+    if workers == 1:
+        assert acc["local_loss"] == pytest.approx(one["local_loss"], abs=1e-6)  # Σ micro losses / share = the mean
+    for name, g1 in one["grads"].items():
+        diff = float((g1 - acc["grads"][name]).abs().max())
+        assert diff <= 1e-5, f"{name}: max |Δgrad| = {diff:.3g}"
 
 
 def test_two_workers_match_one_worker(steps):
@@ -224,3 +263,15 @@ def test_parameters_after_reference_pass_receive_gradients(steps, workers):
     """`train_loop` builds its optimizer from `model.parameters()` after the reference pass: those
     must be the parameters the step's gradients land on, or the optimizer never updates them."""
     assert steps[workers]["without_grad"] == []
+
+
+def test_term_grad_norms_match_autograd_through_each_side(steps, accumulated, tiny_llama):
+    """`term_grad_norms` (closed-form ∂L/∂logp held fixed, one surrogate backward per side) against
+    float64 autograd of the loss through logp(y+) alone and logp(y−) alone; the same on 2 workers
+    and with accumulation, since the norms are global."""
+    want = _plain_float64(tiny_llama)["term_norms"]
+    assert want["grad_norm/chosen"] > 1e-4 and want["grad_norm/rejected"] > 1e-4
+    assert abs(want["grad_norm/chosen"] - want["grad_norm/rejected"]) > 1e-3 * want["grad_norm/chosen"]
+    for run in (steps[1], steps[2], accumulated[1], accumulated[2]):
+        for name, value in want.items():
+            assert run["term_norms"][name] == pytest.approx(value, rel=1e-3), (run["world"], name)

@@ -187,3 +187,78 @@ def test_a_reference_model_other_than_the_policy_sets_the_rewards(tiny_llama, ra
     beta = cfg.train.method.beta
     margins = beta * ((policy.logps_chosen - expected.logps_chosen) - (policy.logps_rejected - expected.logps_rejected))
     assert first["rewards/margins"] == pytest.approx(float(margins.mean()), abs=1e-4)
+
+
+def _train(tiny_llama: Path, tmp_path: Path, train: dict, n_pairs: int = 8) -> tuple[dict, Path]:
+    from stages.train import run
+
+    pairs = _write_pairs(tmp_path, n_pairs)
+    cfg = RunConfig.model_validate({"policy": str(tiny_llama), "train": train})
+    out = tmp_path / "train"
+    out.mkdir()
+    return run(cfg, {"policy": str(tiny_llama), "pairs": str(pairs)}, out), out
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_simpo_skips_the_reference_and_logs_the_3d_diagnostics(tiny_llama, ray_local, tmp_path):
+    """SimPO is reference-free: no reference pass (no reference_logps.parquet), no logratios; every
+    step logs per-token logps and |∂L/∂logp|, diagnostic steps (1, 3 and the last) the chosen and
+    rejected terms' parameter-gradient norms; all of it also in TensorBoard event files. Micro-batches
+    of 1 (accumulation 2 per worker) on the way."""
+    from tests.helpers.tensorboard_reader import scalars
+
+    train = {"batch_size": 4, "num_workers": 2, "micro_batch_size": 1, "lr": 1e-3, "epochs": 2,
+             "method": {"type": "simpo", "beta": 2.0, "gamma": 0.5}, "diagnostics_every": 2, "lr_schedule": "cosine"}  # fmt: skip
+    stats, out = _train(tiny_llama, tmp_path, train)
+    assert stats["steps"] == 4
+    assert not (out / "reference_logps.parquet").exists()
+    lines = _lines(out)
+    for record in lines:
+        assert "logratios/rejected" not in record
+        # SimPO's rewards are β·logp/|y|, the per-token logps times β
+        assert record["rewards/chosen"] == pytest.approx(2.0 * record["logps/chosen_per_token"], rel=1e-4)
+        assert record["grads/chosen_logps"] > 0 and record["grads/rejected_logps"] > 0
+    # Step 1 of SimPO is not ln 2 (no reference): loss = mean −log σ(β(c̄ − r̄) − γ), with c̄, r̄ logged
+    assert [("grad_norm/chosen" in r) for r in lines] == [True, False, True, True]
+    for r in (lines[0], lines[2], lines[3]):
+        assert r["grad_norm/chosen"] > 0 and r["grad_norm/rejected"] > 0
+        # the two terms' gradients add up to the step's: the triangle inequality bounds the total
+        assert r["grad_norm"] <= r["grad_norm/chosen"] + r["grad_norm/rejected"] + 1e-6
+    assert [r["lr"] for r in lines] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    logged = scalars(out / "tensorboard")
+    assert [s for s, _ in logged["train/loss"]] == [r["step"] for r in lines]
+    assert [v for _, v in logged["train/loss"]] == pytest.approx([r["loss"] for r in lines], rel=1e-5)
+    assert [s for s, _ in logged["train/grad_norm/chosen"]] == [1, 3, 4]
+
+
+def test_the_guard_fires_in_a_run_and_changes_the_method(tiny_llama, ray_local, tmp_path):
+    """below_reference = 1e-6 nats: step 1 is the reference (log-ratio 0), so the guard fires at the
+    first step whose rejected log-ratio is below 0, once, and DPO becomes Flex-DPO with β− halved:
+    from then on the rewards of the rejected side are measured with β− = 0.05."""
+    train = {"batch_size": 4, "num_workers": 2, "lr": 1e-3, "epochs": 3,
+             "guard": {"drop_per_step": None, "below_reference": 1e-6, "action": "lower_beta_rejected", "factor": 0.5}}  # fmt: skip
+    _, out = _train(tiny_llama, tmp_path, train)
+    lines = _lines(out)
+    fired = [r for r in lines if r.get("guard")]
+    assert len(fired) == 1, lines
+    k = fired[0]["step"]
+    assert all(r["logratios/rejected"] >= -1e-6 for r in lines[: k - 1])
+    assert fired[0]["logratios/rejected"] < -1e-6 and "flex_dpo" in fired[0]["guard"]
+    for r in lines:
+        beta_rejected = 0.05 if r["step"] > k else 0.1
+        assert r["rewards/rejected"] == pytest.approx(beta_rejected * r["logratios/rejected"], rel=1e-4, abs=1e-7)
+    assert k < len(lines), "the guard must fire before the last step for the test to see the change"
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(tiny_llama, ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_TRAIN_INJECT_NAN_AT_STEP", "2")
+    with pytest.raises(UserError, match=r"training stopped: non-finite loss or gradient at step 2: loss=nan") as err:
+        _train(tiny_llama, tmp_path, {"batch_size": 4, "num_workers": 2, "lr": 1e-3, "epochs": 2})
+    assert "Traceback" not in str(err.value)
+    out = tmp_path / "train"
+    assert [r["step"] for r in _lines(out)] == [1]  # step 2 was never logged, nor applied
+    assert not (out / "checkpoint").exists()

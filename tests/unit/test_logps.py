@@ -152,3 +152,32 @@ def test_gradient_flows_only_through_used_logits():
     assert (logits.grad[~used] == 0).all()
     # d/dlogits of log softmax[y] = onehot(y) - softmax: rows sum to zero
     torch.testing.assert_close(logits.grad[used].sum(-1), torch.zeros(int(used.sum()), dtype=torch.float64))
+
+
+def test_bf16_logits_keep_no_fp32_copy_for_backward_and_get_the_same_gradient():
+    """With a gradient, bf16 logits are reduced in fp32 one row at a time and the fp32 rows are
+    recomputed in backward: the tensors autograd saves are the bf16 logits' size, not B × T × V fp32;
+    values and gradients equal the plain computation's."""
+    vocab = 1000  # large enough that the logits, not the labels, dominate what is saved
+    g = torch.Generator().manual_seed(5)
+    leaf = (3 * torch.randn(B, T, vocab, generator=g)).to(torch.bfloat16).requires_grad_(True)
+    input_ids = torch.randint(0, vocab, (B, T), generator=g)
+    _, _, loss_mask = _random_case(seed=5)
+
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = sequence_logps(leaf, input_ids, loss_mask)
+    got.sum().backward()
+    fp32_copy = B * (T - 1) * vocab * 4
+    assert sum(saved) < 0.75 * fp32_copy, saved  # the bf16 rows (half of it) and labels, no fp32 rows
+
+    plain = leaf.detach().float().requires_grad_(True)
+    want = sequence_logps(plain, input_ids, loss_mask)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(leaf.grad.float(), plain.grad.to(torch.bfloat16).float(), rtol=0, atol=0)

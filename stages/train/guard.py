@@ -1,0 +1,50 @@
+"""A guard against the drastic drop (beyond the paper): watch the rejected responses' log-ratio
+and act when it falls.
+
+Seed 003 §3 shows DPO's likelihood of the rejected responses collapsing long before the chosen
+ones move ("Drastic drop"), after which training degrades into unlearning. The guard watches
+`logratios/rejected` = mean over the step's pairs of logp(y−) − ref_logp(y−) — the same pairs
+under policy and reference, so unlike `logps/rejected` it does not jump with each batch's
+lengths — and fires once, at the first step where either
+- the mean fall over the last `window` steps exceeds `drop_per_step` nats per step, or
+- it is below −`below_reference` nats (the policy gives the rejected responses e^X times less
+  probability than the reference does).
+Then it logs a warning naming the step and, by `action`, changes the objective for the rest of the
+run: `lower_beta_rejected` multiplies β− by `factor` (Flex-DPO; DPO becomes Flex-DPO with
+β+ = β), `raise_sft_weight` sets DPO+SFT's λ to `sft_weight` (DPO becomes DPO+SFT).
+Pure functions: the loop keeps the history and applies the new method config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def guard_reason(history: list[float], cfg: Any) -> str | None:
+    """Why the guard fires on `history` (logratios/rejected per step so far, the current last), or None."""
+    if not history:
+        return None
+    current = history[-1]
+    if cfg.below_reference is not None and current < -cfg.below_reference:
+        return f"logratios/rejected = {current:.2f} nats, below the reference by more than {cfg.below_reference:g}"
+    if cfg.drop_per_step is not None and len(history) > cfg.window:
+        fall = (history[-1 - cfg.window] - current) / cfg.window
+        if fall > cfg.drop_per_step:
+            return (f"logratios/rejected fell {fall:.2f} nats per step over the last {cfg.window} steps "
+                    f"(limit {cfg.drop_per_step:g})")  # fmt: skip
+    return None
+
+
+def guarded_method(method: Any, cfg: Any) -> Any:
+    """The method config for the rest of the run after the guard fired (unchanged for `warn`)."""
+    from pipeline.config import DPOSFTMethod, FlexDPOMethod
+
+    if cfg.action == "lower_beta_rejected":
+        if method.type == "dpo":
+            return FlexDPOMethod(beta_chosen=method.beta, beta_rejected=method.beta * cfg.factor)
+        return method.model_copy(update={"beta_rejected": method.beta_rejected * cfg.factor})
+    if cfg.action == "raise_sft_weight":
+        if method.type == "dpo":
+            return DPOSFTMethod(beta=method.beta, sft_weight=cfg.sft_weight)
+        return method.model_copy(update={"sft_weight": max(method.sft_weight, cfg.sft_weight)})
+    return method
