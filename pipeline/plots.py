@@ -22,6 +22,14 @@ TRAIN_CURVES = (
     ("loss",),
     ("rewards/margins", "rewards/accuracies"),
 )
+# The 3D-properties as they happen (seed 003 Figure 10), for any method: the per-token log-probs
+# (length-free), the objective's |∂L/∂logp(y±)| per pair, and the parameter-gradient norms of the
+# chosen and rejected terms (every `train.diagnostics_every` steps).
+DIAGNOSTIC_CURVES = (
+    ("logps/chosen_per_token", "logps/rejected_per_token"),
+    ("grads/chosen_logps", "grads/rejected_logps"),
+    ("grad_norm/chosen", "grad_norm/rejected"),
+)
 
 
 def _pyplot():
@@ -97,24 +105,30 @@ def plot_logps(cfg: RunConfig, data: RunData, out: Path) -> Path | None:
     return _save(fig, out / "logps.png")
 
 
-def plot_training(data: RunData, out: Path) -> Path | None:
-    """One line per (round, variant) and metric; colour = (round, variant), line style = metric."""
-    if not data.metrics:
+def plot_training(data: RunData, out: Path, curves: tuple[tuple[str, ...], ...] = TRAIN_CURVES,
+                  name: str = "train_curves.png") -> Path | None:  # fmt: skip
+    """One line per (round, variant) and metric; colour = (round, variant), line style = metric.
+    Steps without a metric (the gradient norms between diagnostic steps) are skipped, not zero."""
+    if not data.metrics or not any(key in m for keys in curves for key in keys for ms in data.metrics.values() for m in ms):
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(TRAIN_CURVES), figsize=(4.5 * len(TRAIN_CURVES), 3.6))
-    for ax, keys in zip(axes, TRAIN_CURVES):
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for ax, keys in zip(axes[0], curves):
         for colour, ((r, variant), metrics) in enumerate(data.metrics.items()):
-            steps = [m.get("step", i) for i, m in enumerate(metrics)]
             for style, key in zip(("-", "--"), keys):
-                if any(key in m for m in metrics):
-                    ax.plot(steps, [_value(m, key) for m in metrics], style, color=f"C{colour % 10}", marker="o",
-                            ms=3, label=f"{key} (r{r}/{variant})")  # fmt: skip
+                points = [(m.get("step", i), m[key]) for i, m in enumerate(metrics) if m.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{colour % 10}", marker="o", ms=3,
+                            label=f"{key} (r{r}/{variant})")  # fmt: skip
+            for m in metrics:  # where the train guard fired (stages/train/guard.py)
+                if m.get("guard"):
+                    ax.axvline(m["step"], color=f"C{colour % 10}", ls=":", lw=1)
         ax.set_xlabel("step")
         ax.set_title(" vs ".join(keys))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, out / "train_curves.png")
+        if ax.get_legend_handles_labels()[0]:  # a panel can be empty (no diagnostic step yet)
+            ax.legend(fontsize=7)
+    return _save(fig, out / name)
 
 
 def plot_confusion(confusion: Any, labels: list[int], names: tuple[str, str], path: Path) -> Path:

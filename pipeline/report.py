@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from pipeline.artifacts import atomic_write_text, read_manifest, stage_dir
 from pipeline.config import SCENARIO_SOURCES, RunConfig
 from pipeline.plots import plot_confusion  # noqa: F401  (re-exported: pipeline/compare.py imports it from here)
-from pipeline.plots import plot_logps, plot_scores, plot_training
+from pipeline.plots import DIAGNOSTIC_CURVES, plot_logps, plot_scores, plot_training
 
 # evaluate's part for the round's own policy (`round-K/evaluate/policy/`); variants use their names
 POLICY = "policy"
@@ -209,6 +209,26 @@ def eval_table(rows: list[dict[str, Any]]) -> list[str]:
     return markdown_table(EVAL_HEADER, body, "rlllrrrrr")
 
 
+def methods_section(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """The paper's Table 10 (method × 5 points × 4&5 points, base model first), one per round,
+    when the run's variants train more than one method."""
+    trains = cfg.trains()
+    if len({tc.method.type for tc in trains.values()}) < 2:
+        return []
+    parts = ["## Methods (Table 10)", "",
+             "Each method's checkpoint on the held-out prompts, the round's policy first (hyper-parameters: "
+             "the variants line above).", ""]  # fmt: skip
+    for r in sorted({row["round"] for row in rows}):
+        body = []
+        for row in (x for x in rows if x["round"] == r):
+            s = row["summary"] or {}
+            label = "base model" if row["part"] == POLICY else f"{row['method']} ({row['part']})"
+            body.append([label, _num(s.get("5_points"), ".1%"), _num(s.get("4&5_points"), ".1%")])
+        parts += ([f"Round {r}:", ""] if len(rows) > len(body) else []) + markdown_table(
+            ["method", "5 points", "4&5 points"], body, "lrr") + [""]  # fmt: skip
+    return parts
+
+
 def headline(run_dir: Path, cfg: RunConfig) -> str:
     """The held-out table (markdown), printed at the end of a run."""
     data = load_run(run_dir, cfg)
@@ -347,6 +367,7 @@ def training_lines(data: RunData) -> list[str]:
         lines.append(f"- round {r} / {variant}: {len(m)} steps; {_first_last(m, 'loss', '.4f')}; "
                      f"{_first_last(m, 'logps/chosen', '.1f')}; {_first_last(m, 'logps/rejected', '.1f')}; "
                      f"rewards/accuracies (last step) {_num(m[-1].get('rewards/accuracies'), '.2f')}")  # fmt: skip
+        lines += [f"  - **guard fired at step {x['step']}**: {x['guard']}" for x in m if x.get("guard")]
     return lines
 
 
@@ -417,8 +438,12 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     parts = [*header(cfg), "", "## Held-out evaluation (greedy, judged 1-5)", "", *eval_table(rows), "", EVAL_NOTE, "",
              *unscored_note(rows), *_image(plot_scores(rows, out), "held-out scores"),
              *onpolicy_section(cfg, data), *_image(plot_logps(cfg, data, out), "log-probs before and after training"),
-             *data_section(cfg, data), "## Training", "", *_image(plot_training(data, out), "training curves"),
-             *training_lines(data), "", *agreement_section(run_dir, out)]  # fmt: skip
+             *methods_section(cfg, rows), *data_section(cfg, data),
+             "## Training", "", *_image(plot_training(data, out), "training curves"), *training_lines(data), "",
+             "3D diagnostics (seed 003 Figure 10): per-token log-probs, |∂L/∂logp| per pair, and the parameter-gradient "
+             "norms of the chosen and rejected terms.", "",
+             *_image(plot_training(data, out, DIAGNOSTIC_CURVES, "diagnostics.png"), "3D diagnostics"),
+             *agreement_section(run_dir, out)]  # fmt: skip
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts) + "\n")
     return report

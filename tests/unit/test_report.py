@@ -287,3 +287,48 @@ def test_the_report_lists_every_judge_comparison_with_its_numbers_matrix_and_hea
     assert "Round 1's candidates" in section
     assert "exact agreement: 100.0%; Cohen's κ: undefined (both judges gave every row one score)" in section
     assert ".tmp-" not in section
+
+
+# ── methods side by side (Table 10) and the 3D diagnostics ──────────────────────────────────
+METHODS_CFG = RunConfig(name="m", rounds=1, variants={"dpo": {"method": {"type": "dpo"}},
+                                                      "simpo": {"method": {"type": "simpo", "gamma": 1.0}}})  # fmt: skip
+
+
+def test_methods_table_has_table_10s_shape_base_first(tmp_path):
+    run = tmp_path / "run"
+    evaluate = run / "round-0/evaluate"
+    _write(evaluate / "policy/summary.json", _held_out(0.25, 0.5, 3.0, 90.0))
+    _write(evaluate / "dpo/summary.json", _variant(0.375, 0.625, 3.4, 80.0, "dpo", 1, (-0.5, -0.75), (-0.45, -1.25)))
+    _write(evaluate / "simpo/summary.json", _variant(0.125, 0.875, 3.1, 60.0, "simpo", 1, (-0.5, -0.75), (-0.4, -0.9)))
+    table = _section(_report(run, METHODS_CFG), "Methods (Table 10)").strip().splitlines()
+    assert table[-5:] == [
+        "| method | 5 points | 4&5 points |",
+        "|---|---:|---:|",
+        "| base model | 25.0% | 50.0% |",
+        "| dpo (dpo) | 37.5% | 62.5% |",
+        "| simpo (simpo) | 12.5% | 87.5% |",
+    ]
+
+
+def test_no_methods_table_for_one_method(run_dir):
+    assert "## Methods (Table 10)" not in _report(run_dir)  # CFG's variants are both dpo
+
+
+def test_diagnostics_plot_and_the_guard_mark(tmp_path):
+    run = tmp_path / "run"
+    steps = [{"step": s, "loss": 0.69 - 0.1 * s, "logps/chosen": -50.0, "logps/rejected": -60.0 - 5 * s,
+              "logps/chosen_per_token": -0.5, "logps/rejected_per_token": -0.6 - 0.05 * s,
+              "grads/chosen_logps": 0.05, "grads/rejected_logps": 0.05 + 0.01 * s, "grad_norm": 1.0, "lr": 1e-5,
+              **({"grad_norm/chosen": 0.4, "grad_norm/rejected": 0.9} if s in (1, 3) else {}),
+              **({"guard": "logratios/rejected fell 3.00 nats per step; action warn"} if s == 2 else {})}
+             for s in (1, 2, 3)]  # fmt: skip
+    _write(run / "round-0/train/dpo/metrics.jsonl", steps)
+    report = _report(run, METHODS_CFG)
+    assert (run / "report/diagnostics.png").stat().st_size > 1000
+    assert "![3D diagnostics](diagnostics.png)" in report
+    assert "**guard fired at step 2**: logratios/rejected fell 3.00 nats per step; action warn" in report
+
+
+def test_no_diagnostics_plot_without_diagnostic_metrics(run_dir):
+    report = _report(run_dir)  # _steps writes TRL's metrics only
+    assert not (run_dir / "report/diagnostics.png").exists() and "diagnostics.png" not in report
