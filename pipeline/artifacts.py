@@ -54,17 +54,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path, manifest: dict[str, Any]) -> Iterator[Path]:
+def atomic_dir(final: Path, manifest: dict[str, Any], resumable: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success add the manifest and rename it to `final`.
 
     An existing `final` (a finished artifact whose config no longer matches) is moved aside to
     `.<name>.old-<key>` rather than deleted, so no finished work is lost by a config edit.
+
+    `resumable`: the folder is `.<name>.partial-<key>` and survives a failure or a kill, so the
+    same work (same key) rerun finds what the stage left there — the train stage its checkpoints —
+    and goes on from it; partial folders of other keys (a changed config) are removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    clear_partial(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
+    if resumable:
+        tmp = final.with_name(f".{final.name}.partial-{manifest.get('key', 'unknown')}")
+        clear_partial(final, keep=tmp)
+        tmp.mkdir(exist_ok=True)
+    else:
+        clear_partial(final)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp.mkdir()
     try:
         yield tmp
         manifest = {**manifest, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions()}
@@ -76,13 +85,16 @@ def atomic_dir(final: Path, manifest: dict[str, Any]) -> Iterator[Path]:
             os.rename(final, aside)
         os.rename(tmp, final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clear_partial(final: Path) -> None:
-    """Remove temporary folders that a killed run left beside `final`."""
-    for leftover in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+def clear_partial(final: Path, keep: Path | None = None) -> None:
+    """Remove temporary folders that a killed run left beside `final` (but `keep`)."""
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.partial-*"):
+        for leftover in final.parent.glob(pattern):
+            if leftover != keep:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def versions() -> dict[str, str]:

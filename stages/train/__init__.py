@@ -10,6 +10,8 @@ Writes into the stage folder:
   only, never in the saved config);
 - `metrics.jsonl`: one line per step, TRL's metric names plus the 3D diagnostics (names in
   `stages/train/objectives.py` and `loop.term_grad_norms`), the same in `tensorboard/`;
+- `tokenized_pairs.parquet`: `prompt_id, prompt_ids, chosen_ids, rejected_ids`, the token ids
+  every step trains on, tokenized once here so no worker tokenizes every pair;
 - `reference_logps.parquet` (methods with a reference): `prompt_id, ref_chosen_logps, ref_rejected_logps`, one row per pair
   in the pairs file's order — the reference log-probs every step's reward is measured from,
   under the precision policy of `stages/train/precision.py`, in `reference_batches_for`'s
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -62,8 +65,8 @@ def reference_batches_for(num_pairs: int, tc: TrainConfig) -> list[list[int]]:
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from stages.train.loop import train_loop
@@ -72,31 +75,49 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     pairs_file = Path(inputs["pairs"]) / f"s{tc.scenario}" / "pairs.parquet"
     if not pairs_file.is_file():
         raise UserError(f"{pairs_file} not found: train.scenario={tc.scenario} must be one of pairs.scenarios")
+    from transformers import AutoTokenizer
+
+    from stages.train.batch import write_tokenized
+
     num_pairs = pq.read_metadata(pairs_file).num_rows
     batch_size = effective_batch_size(num_pairs, tc.batch_size, tc.num_workers)
+    tokenized = out / "tokenized_pairs.parquet"
+    if not tokenized.exists():  # a resumed stage has it
+        tokenizer = AutoTokenizer.from_pretrained(inputs["policy"])
+        write_tokenized(tokenized, tokenizer, pq.read_table(pairs_file).to_pylist(), tc.max_length)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "policy": inputs["policy"], "ref_model": inputs.get("ref_model", inputs["policy"]),
-            "pairs": str(pairs_file), "out": str(out),
+            "tokenized": str(tokenized), "out": str(out),
             "train": tc.model_dump(mode="json"), "batch_size": batch_size,
-            # fault injection for tests: a NaN loss at this step
+            # fault injection for tests: a NaN loss at this step; SIGKILL rank R's process after step S (once)
             "inject_nan_at_step": int(os.environ.get("PIPELINE_TRAIN_INJECT_NAN_AT_STEP", 0)) or None,
+            "kill_rank_at_step": dict(x.split(":") for x in os.environ.get("PIPELINE_TRAIN_KILL", "").split(",") if x),
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": TRAIN_WORKER_CPUS}),
-        run_config=TrainRunConfig(name="train", storage_path=str(out.parent.resolve() / ".ray-train")),
+        # Ray Train's storage is in the stage's own partial folder (the runner keeps it across a kill for
+        # the same config): run again, Ray Train finds the latest checkpoint there and the loop resumes.
+        run_config=TrainRunConfig(name="train", storage_path=str(out.resolve() / ".ray-train"),
+                                  failure_config=FailureConfig(max_failures=tc.max_failures),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
         trainer.fit()
     except Exception as err:  # Ray Train wraps the worker's exception; a NaN is the user's to act on
         if NONFINITE in str(err):
             line = next(x for x in str(err).splitlines() if NONFINITE in x)
+            saved = sorted((out / ".ray-train" / "train").glob("step-*"))
+            last = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was taken before it"
             raise UserError(
                 f"training stopped: {line.split('FloatingPointError: ')[-1].strip()}. No update from that step was "
-                f"applied; nothing was saved as {out / 'checkpoint'} and the round's policy is unchanged. Lower "
-                "train.lr, turn on train.grad_clip, or check the pairs (metrics so far: metrics.jsonl)"
+                f"applied; {last}; the round's policy is unchanged. Lower train.lr, turn on train.grad_clip, or "
+                f"check the pairs (metrics so far: {out / 'metrics.jsonl'})"
             ) from None
         raise
     steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
+    shutil.rmtree(out / ".ray-train", ignore_errors=True)
+    for marker in out.glob(".killed-*"):  # left by the tests' fault injection
+        marker.unlink()  # the sharded checkpoints: the run is done, checkpoint/ is the model
     return {"pairs": num_pairs, "batch_size": batch_size, "steps": steps, "rows": steps}

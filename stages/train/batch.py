@@ -10,6 +10,7 @@ token budget cut it off: DPO must not push on an EOS the policy never wrote.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -60,6 +61,36 @@ def tokenize_pair(tokenizer, row: dict[str, Any], max_length: int) -> TokenizedP
     return TokenizedPair(prompt, chosen[:budget], rejected[:budget])
 
 
+TOKENIZED_COLUMNS = ("prompt_id", "prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def write_tokenized(path, tokenizer, rows: list[dict[str, Any]], max_length: int) -> int:
+    """Tokenize every pair once (in the driver) into a Parquet of token ids that every worker
+    reads, instead of each worker tokenizing every pair: `prompt_id, prompt_ids, chosen_ids,
+    rejected_ids`, in the pairs file's order. Returns the number of pairs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = [tokenize_pair(tokenizer, row, max_length) for row in rows]
+    table = pa.table({
+        "prompt_id": [str(row.get("prompt_id", i)) for i, row in enumerate(rows)],
+        "prompt_ids": [p.prompt for p in pairs], "chosen_ids": [p.chosen for p in pairs],
+        "rejected_ids": [p.rejected for p in pairs],
+    })  # fmt: skip
+    tmp = f"{path}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)  # whole or absent: a resumed stage reuses it
+    return len(pairs)
+
+
+def read_tokenized(path) -> list[TokenizedPair]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=list(TOKENIZED_COLUMNS[1:])).to_pydict()
+    return [TokenizedPair(list(p), list(c), list(r))
+            for p, c, r in zip(table["prompt_ids"], table["chosen_ids"], table["rejected_ids"])]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Batch:
     input_ids: Tensor  # [2B, T]: B chosen sequences, then their B rejected
@@ -74,7 +105,9 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
 
 
-def collate(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
+def collate(pairs: Sequence[TokenizedPair], pad_token_id: int, padding_side: str = "right") -> Batch:
+    """Pad the 2B sequences to one width, on the right (training's default) or on the left (as a
+    generation batch is); the log-probs are the same either way (`loop.policy_logps`, tested)."""
     seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     width = max(len(a) + len(b) for a, b in seqs)
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
@@ -82,7 +115,8 @@ def collate(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (prompt, response) in enumerate(seqs):
         n = len(prompt) + len(response)
-        input_ids[i, :n] = torch.tensor(prompt + response)
-        attention_mask[i, :n] = 1
-        loss_mask[i, len(prompt):n] = 1
+        start = 0 if padding_side == "right" else width - n
+        input_ids[i, start : start + n] = torch.tensor(prompt + response)
+        attention_mask[i, start : start + n] = 1
+        loss_mask[i, start + len(prompt) : start + n] = 1
     return Batch(input_ids, attention_mask, loss_mask)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from stages.train import NONFINITE
-from stages.train.batch import Batch, TokenizedPair, collate, tokenize_pair
+from stages.train.batch import Batch, TokenizedPair, collate, read_tokenized
 from stages.train.guard import guard_reason, guarded_method
 from stages.train.logps import sequence_logps
 from stages.train.objectives import Objective, ObjectiveOutput, PairLogps, needs_reference, objective_for
@@ -89,8 +91,12 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def policy_logps(model, batch: Batch) -> tuple[Tensor, Tensor]:
-    """(chosen logps [B], rejected logps [B]) in one forward over the 2B sequences."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    """(chosen logps [B], rejected logps [B]) in one forward over the 2B sequences.
+
+    Positions count real tokens only (`cumsum(attention_mask) − 1`), so a left-padded sequence is
+    scored as it would be alone; with right padding they are 0..n−1, what the model assumes anyway."""
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids).logits
     logps = sequence_logps(logits, batch.input_ids, batch.loss_mask)
     return logps[: batch.num_pairs], logps[batch.num_pairs :]
 
@@ -258,8 +264,8 @@ def save_hf_checkpoint(model, tokenizer, out_dir: Path) -> None:
 
 # ── the worker loop ──────────────────────────────────────────────────────────────────────────
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point. config: policy (path), ref_model (path, default the policy), pairs (parquet), out
-    (folder), train (TrainConfig dict), batch_size."""
+    """Ray Train entry point. config: policy (path), ref_model (path, default the policy), tokenized (the pairs'
+    token ids, `batch.write_tokenized`), out (folder), train (TrainConfig dict), batch_size."""
     import pyarrow.parquet as pq
     import ray.train
     import ray.train.torch
@@ -275,8 +281,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(config["policy"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = pq.read_table(config["pairs"]).to_pylist()
-    pairs = [tokenize_pair(tokenizer, row, cfg.max_length) for row in rows]
+    pairs = read_tokenized(config["tokenized"])  # tokenized once by the driver
+    prompt_ids = pq.read_table(config["tokenized"], columns=["prompt_id"]).column("prompt_id").to_pylist()
     objective = objective_for(cfg.method)
     batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
     share = batch_size // world
@@ -292,21 +298,34 @@ def train_loop(config: dict[str, Any]) -> None:
     if needs_reference(cfg.method) and ref_path == config["policy"]:
         ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, micro, device, first_order)
     if rank == 0 and ref_chosen is not None:
-        write_reference_logps(out / "reference_logps.parquet", [row["prompt_id"] for row in rows], ref_chosen, ref_rejected)
+        write_reference_logps(out / "reference_logps.parquet", prompt_ids, ref_chosen, ref_rejected)
     optimizer = make_optimizer(model, cfg)
     schedule = batch_schedule(len(pairs), batch_size, cfg.epochs, cfg.seed, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, len(schedule), cfg.warmup_steps, cfg.lr_schedule)
     )
     guard = Guard(cfg.guard, cfg.method) if cfg.guard else None
-    bar = _progress(len(schedule)) if rank == 0 else None
-    writer = _tensorboard(out) if rank == 0 else None
+    start = 0  # steps already done: a restart (a worker died, or the stage was killed) goes on from its checkpoint
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            start = restore_checkpoint(Path(path), model, optimizer, scheduler, guard)
+        if guard is not None:
+            objective = objective_for(guard.method)
+        if rank == 0:
+            log.warning("train resumes after step %d from its checkpoint", start)
+    if rank == 0:
+        keep_metrics_up_to(out / "metrics.jsonl", start)
+    bar = _progress(len(schedule), start) if rank == 0 else None
+    writer = _tensorboard(out, start) if rank == 0 else None
     model.train()
 
     def refs(indices: list[int]) -> tuple[Tensor | None, Tensor | None]:
         return (None, None) if ref_chosen is None else (ref_chosen[indices], ref_rejected[indices])
 
     for step, indices in enumerate(schedule):
+        if step < start:
+            continue
         mine = micro_batches(indices, rank, world, micro)
         batches = [collate([pairs[i] for i in chunk], pad_id).to(device) for chunk in mine]
         diagnostics = {}
@@ -334,7 +353,8 @@ def train_loop(config: dict[str, Any]) -> None:
             objective = objective_for(guard.method)
         if rank == 0:
             record = {"step": step + 1, "epoch": step * batch_size / len(pairs), **metrics, **diagnostics,
-                      "grad_norm": grad_norm, "lr": lr, **({"guard": fired} if fired else {})}  # fmt: skip
+                      "grad_norm": grad_norm, "lr": lr, **({"guard": fired} if fired else {}),
+                      **({"restored_from_step": start} if start and step == start else {})}  # fmt: skip
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             for name, value in record.items():
@@ -344,10 +364,79 @@ def train_loop(config: dict[str, Any]) -> None:
                 log.warning("train guard fired at step %d: %s", step + 1, fired)
             bar.set_description(f"train loss={metrics['loss']:.4f} margin={metrics['rewards/margins']:.3f}")
             bar.update(1)
+        if str(step + 1) == config.get("kill_rank_at_step", {}).get(str(rank)) and not (out / f".killed-{rank}").exists():
+            # Fault injection for tests (stages/train/__init__.py), once: SIGKILL this worker after the
+            # controller has registered the checkpoints reported so far (a report still in flight dies with it).
+            ray.train.get_all_reported_checkpoints()
+            (out / f".killed-{rank}").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(schedule):
+            save_checkpoint(model, optimizer, scheduler, guard, step + 1, metrics)
     if bar is not None:
         bar.close()
         writer.close()
     save_hf_checkpoint(model, tokenizer, out / "checkpoint")
+
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def save_checkpoint(model, optimizer, scheduler, guard: "Guard | None", step: int, metrics: dict[str, float]) -> None:
+    """A sharded checkpoint after `step`, reported to Ray Train (which keeps it in the run's storage).
+
+    Every rank saves its shards of the model and the optimizer with torch distributed checkpoint
+    (DCP: each rank writes only what it holds) into its own local folder and reports it; Ray Train
+    merges the folders into one checkpoint, so this works across nodes. Rank 0 adds the rest of
+    the state: the step (the data position: the batch schedule is a function of the seed), the lr
+    scheduler and the guard. Dropout is off and nothing else draws random numbers, so there is no
+    RNG state to keep.
+    """
+    import shutil
+    import tempfile
+
+    import ray.train
+    import torch.distributed.checkpoint as dcp
+    from ray.train import Checkpoint
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    local = Path(tempfile.mkdtemp(prefix=f"train-step-{step}-"))
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(local))
+        if dist.get_rank() == 0:
+            state = {"step": step, "scheduler": scheduler.state_dict(), "guard": guard.state() if guard else None}
+            (local / TRAINER_STATE).write_text(json.dumps(state))
+        ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=f"step-{step:06d}")  # fmt: skip
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, guard: "Guard | None") -> int:
+    """Load a `save_checkpoint` folder into the model, optimiser, scheduler and guard; the step it was taken after."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # (creates the optimiser's state to load into)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = json.loads((path / TRAINER_STATE).read_text())
+    scheduler.load_state_dict(trainer["scheduler"])
+    if guard is not None and trainer["guard"] is not None:
+        guard.load(trainer["guard"])
+    return int(trainer["step"])
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` (logged before a failure, redone now): `metrics.jsonl`
+    keeps exactly one line per step across restarts."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 class Guard:
@@ -369,6 +458,15 @@ class Guard:
         changed = "" if self.method == before else f"; method from now on: {self.method.model_dump()}"
         return f"{reason}; action {self.cfg.action}{changed}"
 
+    def state(self) -> dict:
+        return {"history": self.history, "fired": self.fired, "method": self.method.model_dump()}
+
+    def load(self, state: dict) -> None:
+        from pipeline.config import TrainConfig
+
+        self.history, self.fired = list(state["history"]), bool(state["fired"])
+        self.method = TrainConfig.model_validate({"method": state["method"]}).method
+
 
 def micro_batch_for(share: int, micro_batch_size: int | None) -> int:
     """The micro-batch a worker runs: its whole share, or `micro_batch_size` when that divides the share."""
@@ -386,12 +484,13 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path, start: int = 0):
     """TensorBoard event files in the stage folder: `tensorboard --logdir RUN_DIR` finds every
-    variant's and round's (they are named by their folders)."""
+    variant's and round's (they are named by their folders). After a restart, the events of the
+    steps being redone are purged."""
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(logdir=str(out / "tensorboard"), flush_secs=10)
+    return SummaryWriter(logdir=str(out / "tensorboard"), flush_secs=10, purge_step=start + 1 if start else None)
 
 
 def _grad_norm(model) -> float:
@@ -405,8 +504,11 @@ def _clip(model, max_norm: float | None) -> float:
     return float(norm)
 
 
-def _progress(total: int):
+def _progress(total: int, done: int = 0):
     # Ray's remote-aware tqdm draws one clean bar on the driver from inside a worker.
     from ray.experimental.tqdm_ray import tqdm
 
-    return tqdm(total=total, desc="train")
+    bar = tqdm(total=total, desc="train")
+    if done:
+        bar.update(done)  # Ray's tqdm has no `initial`
+    return bar

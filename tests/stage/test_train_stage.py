@@ -262,3 +262,64 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tiny_llama, ray_local, tmp_pat
     out = tmp_path / "train"
     assert [r["step"] for r in _lines(out)] == [1]  # step 2 was never logged, nor applied
     assert not (out / "checkpoint").exists()
+
+
+# ── checkpoints and failures ─────────────────────────────────────────────────────────────────
+FT_TRAIN = {"batch_size": 4, "num_workers": 2, "lr": 1e-3, "epochs": 3, "checkpoint_every": 2, "dtype": "float32",
+            "lr_schedule": "linear", "warmup_steps": 1}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama, ray_local, tmp_path_factory) -> list[dict]:
+    """FT_TRAIN's 6 steps with nothing killed: what a restored run must reproduce."""
+    _, out = _train(tiny_llama, tmp_path_factory.mktemp("uninterrupted"), FT_TRAIN)
+    return _lines(out)
+
+
+def _same_steps(got: list[dict], want: list[dict]) -> None:
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # one line per step: none lost, none twice
+    for g, w in zip(got, want):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm", "lr"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
+
+
+def test_a_killed_worker_restores_from_the_checkpoint_and_the_run_goes_on(uninterrupted, tiny_llama, ray_local,
+                                                                         tmp_path, monkeypatch):  # fmt: skip
+    """Rank 1's process is SIGKILLed after step 3 (checkpoints after steps 2 and 4): Ray Train
+    restarts the workers (max_failures 1), they restore model, optimiser, scheduler and step from
+    step 2's checkpoint and redo step 3 — the metrics equal the uninterrupted run's, step for step."""
+    monkeypatch.setenv("PIPELINE_TRAIN_KILL", "1:3")
+    stats, out = _train(tiny_llama, tmp_path, {**FT_TRAIN, "max_failures": 1})
+    assert stats["steps"] == 6
+    lines = _lines(out)
+    _same_steps(lines, uninterrupted)
+    assert [r.get("restored_from_step") for r in lines] == [None, None, 2, None, None, None]
+    assert not (out / ".ray-train").exists() and not list(out.glob(".killed-*"))
+    assert (out / "checkpoint" / "config.json").is_file()
+
+
+def test_a_killed_train_stage_run_again_resumes_from_its_last_checkpoint(uninterrupted, tiny_llama, ray_local,
+                                                                          tmp_path, monkeypatch):  # fmt: skip
+    """The runner's way: the stage works in a resumable folder (`atomic_dir(resumable=True)`); a worker
+    dies after step 3 with no restarts allowed, so the stage fails and its folder stays; run again with
+    the same config, it resumes after step 2 instead of starting over."""
+    from pipeline.artifacts import atomic_dir
+    from stages.train import run
+
+    pairs = _write_pairs(tmp_path, 8)
+    cfg = RunConfig.model_validate({"policy": str(tiny_llama), "train": FT_TRAIN})
+    final, inputs = tmp_path / "train", {"policy": str(tiny_llama), "pairs": str(pairs)}
+    monkeypatch.setenv("PIPELINE_TRAIN_KILL", "1:3")
+    with pytest.raises(Exception):
+        with atomic_dir(final, {"key": "k"}, resumable=True) as work:
+            run(cfg, inputs, work)
+    partial = tmp_path / ".train.partial-k"
+    assert [r["step"] for r in _lines(partial)] == [1, 2, 3]
+    assert sorted(p.name for p in (partial / ".ray-train" / "train").glob("step-*")) == ["step-000002"]
+    # A NaN at step 1 would stop a run that started over; a resumed one never runs step 1 again.
+    monkeypatch.setenv("PIPELINE_TRAIN_INJECT_NAN_AT_STEP", "1")
+    with atomic_dir(final, {"key": "k"}, resumable=True) as work:
+        run(cfg, inputs, work)
+    lines = _lines(final)
+    _same_steps(lines, uninterrupted)
+    assert [r.get("restored_from_step") for r in lines] == [None, None, 2, None, None, None]

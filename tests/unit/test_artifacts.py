@@ -56,3 +56,28 @@ def test_manifest_is_hidden_from_parquet_readers(tmp_path):
         pd.DataFrame({"a": [1, 2]}).to_parquet(tmp / "part.parquet")
     assert (final / MANIFEST).is_file() and MANIFEST.startswith("_")
     assert pd.read_parquet(final)["a"].tolist() == [1, 2]
+
+
+def test_a_resumable_stage_finds_its_partial_work_after_a_failure_and_only_for_the_same_key(tmp_path):
+    final = tmp_path / "train"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final, {"key": "k1"}, resumable=True) as tmp:
+            (tmp / "checkpoint-2").write_text("step 2")
+            raise RuntimeError("killed at step 3")
+    assert not final.exists()
+    with atomic_dir(final, {"key": "k1"}, resumable=True) as tmp:  # the same work again: it finds step 2
+        assert (tmp / "checkpoint-2").read_text() == "step 2"
+        (tmp / "done").write_text("yes")
+    assert (final / "done").read_text() == "yes" and (final / "checkpoint-2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+
+
+def test_a_changed_config_starts_a_resumable_stage_afresh(tmp_path):
+    final = tmp_path / "train"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final, {"key": "old"}, resumable=True) as tmp:
+            (tmp / "checkpoint-2").write_text("step 2 of the old config")
+            raise RuntimeError("killed")
+    with atomic_dir(final, {"key": "new"}, resumable=True) as tmp:
+        assert list(tmp.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]

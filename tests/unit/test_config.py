@@ -19,8 +19,9 @@ from pipeline.errors import UserError
 RUN_KEYS = ["data", "evaluate", "judge", "name", "next_round", "other_sampler", "pairs", "policy", "ray", "rounds", "sampler", "seed",
             "train", "variants"]
 TRAIN_KEYS = [
-    "activation_checkpointing", "batch_size", "diagnostics_every", "dtype", "epochs", "grad_clip", "guard", "lr",
-    "lr_schedule", "max_length", "max_steps", "method", "micro_batch_size", "num_workers", "optimizer",
+    "activation_checkpointing", "batch_size", "checkpoint_every", "diagnostics_every", "dtype", "epochs", "grad_clip",
+    "guard", "lr",
+    "lr_schedule", "max_failures", "max_length", "max_steps", "method", "micro_batch_size", "num_workers", "optimizer",
     "scenario", "seed", "use_gpu", "warmup_steps", "weight_decay",
 ]  # fmt: skip
 

@@ -181,3 +181,38 @@ def test_bf16_logits_keep_no_fp32_copy_for_backward_and_get_the_same_gradient():
     want.sum().backward()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(leaf.grad.float(), plain.grad.to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sequence_logps_of_a_real_model_equal_with_left_and_right_padding_and_alone(tiny_llama, arch):
+    """`policy_logps` in float64: each pair's log-probs with right padding and with left padding
+    equal each sequence run alone through a naive full log-softmax. Llama's rotary positions are
+    shift-invariant, so left padding is harmless there anyway; GPT-2's learned absolute positions
+    are not — without `policy_logps`'s position ids its left-padded log-probs are wrong."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from stages.train.batch import TokenizedPair, collate
+    from stages.train.loop import policy_logps
+
+    if arch == "llama":
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
+    else:
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        model = GPT2LMHeadModel(config).double().eval()
+    pad_id = 0
+    pairs = [TokenizedPair([5, 6, 7], [8, 9, 10, 11, 12], [13]), TokenizedPair([20] * 9, [21, 22], [23, 24, 25, 26, 27, 28])]
+
+    def naive(prompt: list[int], response: list[int]) -> float:
+        ids = torch.tensor([prompt + response])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0], dim=-1)
+        return float(sum(logprobs[len(prompt) + k - 1, tok] for k, tok in enumerate(response)))
+
+    with torch.no_grad():
+        want = [naive(p.prompt, p.chosen) for p in pairs] + [naive(p.prompt, p.rejected) for p in pairs]
+        for side in ("right", "left"):
+            batch = collate(pairs, pad_id, padding_side=side)
+            assert (batch.attention_mask == 0).any()  # padding on that side really happens
+            chosen, rejected = policy_logps(model, batch)
+            assert torch.cat([chosen, rejected]).tolist() == pytest.approx(want, rel=1e-9, abs=1e-9), side
