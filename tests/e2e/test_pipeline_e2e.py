@@ -65,7 +65,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     round0 = run_dir / "round-0"
     # 1. kill it while train runs
-    _kill_when(_cli(run_dir), lambda: any((round0 / "train").glob(".s1.tmp-*")))
+    _kill_when(_cli(run_dir), lambda: any((round0 / "train").glob(".s1.partial-*")))
     assert (round0 / "pairs" / "_manifest.json").is_file()
     assert not (round0 / "train" / "s1").exists(), "a killed stage must not leave a finished-looking folder"
     sample_manifest = json.loads((round0 / "sample" / "policy" / "_manifest.json").read_text())
@@ -77,7 +77,7 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     for node in ("sample/policy", "judge/policy", "pairs"):
         assert f"round 0 {node}: up to date" in log
     assert "round 0 train/s1: running" in log
-    assert not list(round0.rglob(".*.tmp-*")), "temporary folders left behind"
+    assert not list(round0.rglob(".*.tmp-*")) and not list(round0.rglob(".*.partial-*")), "temporary folders left behind"
     assert json.loads((round0 / "sample" / "policy" / "_manifest.json").read_text()) == sample_manifest
 
     # 3. artifacts

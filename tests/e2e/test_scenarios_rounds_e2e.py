@@ -71,15 +71,21 @@ def test_four_scenarios_four_trainings_on_the_same_judged_data(tmp_path):
     for k in sources:
         assert f"round-0/s{k}" in report
 
-    # a new variant trains on the same judged data: nothing is sampled, judged or trained again
-    variants = "variants={" + ", ".join(f"s{k}: {{scenario: {k}}}" for k in sources) + ", s1-beta: {scenario: 1, method: {beta: 0.5}}}"
+    # another method as a new variant trains on the same judged data: nothing is sampled, judged or
+    # trained again; SimPO is reference-free (no reference pass) and the report compares the methods
+    variants = "variants={" + ", ".join(f"s{k}: {{scenario: {k}}}" for k in sources) + ", s1-simpo: {scenario: 1, method: {type: simpo}}}"
     again = _pipeline("run", str(CONFIG), variants, "--run-dir", str(run_dir))
     assert again.returncode == 0, again.stderr[-4000:]
     for node in ("sample/policy", "sample/other", "judge/reference", "pairs", "train/s1", "train/s4", "evaluate/policy"):
         assert f"round 0 {node}: up to date" in again.stderr, node
-    assert "round 0 train/s1-beta: running" in again.stderr and "round 0 evaluate/s1-beta: running" in again.stderr
-    assert json.loads((round0 / "evaluate" / "s1-beta" / "summary.json").read_text())["method"] == "dpo"
-    assert "s1-beta" in (run_dir / "report" / "report.md").read_text()
+    assert "round 0 train/s1-simpo: running" in again.stderr and "round 0 evaluate/s1-simpo: running" in again.stderr
+    assert json.loads((round0 / "evaluate" / "s1-simpo" / "summary.json").read_text())["method"] == "simpo"
+    assert not (round0 / "train" / "s1-simpo" / "reference_logps.parquet").exists()
+    assert (round0 / "train" / "s1" / "reference_logps.parquet").exists()
+    simpo_steps = [json.loads(line) for line in (round0 / "train" / "s1-simpo" / "metrics.jsonl").read_text().splitlines()]
+    assert simpo_steps and all(r["grads/chosen_logps"] > 0 and "logratios/rejected" not in r for r in simpo_steps)
+    methods = (run_dir / "report" / "report.md").read_text().split("## Methods (Table 10)")[1].split("\n## ")[0]
+    assert "| base model |" in methods and "| dpo (s1) |" in methods and "| simpo (s1-simpo) |" in methods
 
 
 def _kill_when(cmd: list[str], ready, timeout: float = 900) -> None:
@@ -120,7 +126,7 @@ def test_two_rounds_sample_from_the_newest_checkpoint_and_resume(tmp_path):
     args = ["run", str(CONFIG), "pairs.scenarios=[1]", "other_sampler=null", "rounds=2", "train.lr=1e-4",
             "--run-dir", str(run_dir)]  # fmt: skip
     round1 = run_dir / "round-1"
-    _kill_when([sys.executable, "-m", "pipeline", *args], lambda: any((round1 / "train").glob(".s1.tmp-*")))
+    _kill_when([sys.executable, "-m", "pipeline", *args], lambda: any((round1 / "train").glob(".s1.partial-*")))
     assert (run_dir / "round-0" / "evaluate" / "s1" / "_manifest.json").is_file()
     result = _pipeline(*args)
     assert result.returncode == 0, result.stderr[-4000:]
