@@ -12,7 +12,8 @@ lengths — and fires once, at the first step where either
 Then it logs a warning naming the step and, by `action`, changes the objective for the rest of the
 run: `lower_beta_rejected` multiplies β− by `factor` (Flex-DPO; DPO becomes Flex-DPO with
 β+ = β), `raise_sft_weight` sets DPO+SFT's λ to `sft_weight` (DPO becomes DPO+SFT).
-Pure functions: the loop keeps the history and applies the new method config.
+`guard_reason` and `guarded_method` are pure functions; `Guard` is the loop's state (the history,
+fired once), saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -48,3 +49,32 @@ def guarded_method(method: Any, cfg: Any) -> Any:
             return DPOSFTMethod(beta=method.beta, sft_weight=cfg.sft_weight)
         return method.model_copy(update={"sft_weight": max(method.sft_weight, cfg.sft_weight)})
     return method
+
+
+class Guard:
+    """The guard's state in the loop: the watched history, fired once."""
+
+    def __init__(self, cfg, method):
+        self.cfg, self.method, self.history, self.fired = cfg, method, [], False
+
+    def update(self, metrics: dict[str, float], step: int) -> str | None:
+        """The guard's message at `step` if it fires now (and `self.method` is then the new method)."""
+        if self.fired:
+            return None
+        self.history.append(metrics["logratios/rejected"])
+        reason = guard_reason(self.history, self.cfg)
+        if reason is None:
+            return None
+        self.fired, before = True, self.method
+        self.method = guarded_method(self.method, self.cfg)
+        changed = "" if self.method == before else f"; method from now on: {self.method.model_dump()}"
+        return f"{reason}; action {self.cfg.action}{changed}"
+
+    def state(self) -> dict:
+        return {"history": self.history, "fired": self.fired, "method": self.method.model_dump()}
+
+    def load(self, state: dict) -> None:
+        from pipeline.config import TrainConfig
+
+        self.history, self.fired = list(state["history"]), bool(state["fired"])
+        self.method = TrainConfig.model_validate({"method": state["method"]}).method

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from stages.train import NONFINITE
 from stages.train.batch import Batch, TokenizedPair, collate, read_tokenized
-from stages.train.guard import guard_reason, guarded_method
+from stages.train.checkpoint import keep_metrics_up_to, restore_checkpoint, save_checkpoint, save_hf_checkpoint
+from stages.train.guard import Guard
 from stages.train.logps import sequence_logps
 from stages.train.objectives import Objective, ObjectiveOutput, PairLogps, needs_reference, objective_for
 from stages.train.precision import fsdp_policy
@@ -245,23 +246,6 @@ def batch_schedule(num_pairs: int, batch_size: int, epochs: int, seed: int, max_
     return steps[:max_steps] if max_steps else steps
 
 
-def save_hf_checkpoint(model, tokenizer, out_dir: Path) -> None:
-    """Gather the full state dict to rank 0 and save a plain HF folder (loads in transformers and vLLM)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-        plain.load_state_dict(state, assign=True)
-        plain.tie_weights()
-        plain.generation_config = model.generation_config
-        plain.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    dist.barrier()
-
-
 # ── the worker loop ──────────────────────────────────────────────────────────────────────────
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point. config: policy (path), ref_model (path, default the policy), tokenized (the pairs'
@@ -376,96 +360,6 @@ def train_loop(config: dict[str, Any]) -> None:
         bar.close()
         writer.close()
     save_hf_checkpoint(model, tokenizer, out / "checkpoint")
-
-
-TRAINER_STATE = "trainer_state.json"
-
-
-def save_checkpoint(model, optimizer, scheduler, guard: "Guard | None", step: int, metrics: dict[str, float]) -> None:
-    """A sharded checkpoint after `step`, reported to Ray Train (which keeps it in the run's storage).
-
-    Every rank saves its shards of the model and the optimizer with torch distributed checkpoint
-    (DCP: each rank writes only what it holds) into its own local folder and reports it; Ray Train
-    merges the folders into one checkpoint, so this works across nodes. Rank 0 adds the rest of
-    the state: the step (the data position: the batch schedule is a function of the seed), the lr
-    scheduler and the guard. Dropout is off and nothing else draws random numbers, so there is no
-    RNG state to keep.
-    """
-    import shutil
-    import tempfile
-
-    import ray.train
-    import torch.distributed.checkpoint as dcp
-    from ray.train import Checkpoint
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    local = Path(tempfile.mkdtemp(prefix=f"train-step-{step}-"))
-    try:
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(local))
-        if dist.get_rank() == 0:
-            state = {"step": step, "scheduler": scheduler.state_dict(), "guard": guard.state() if guard else None}
-            (local / TRAINER_STATE).write_text(json.dumps(state))
-        ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=f"step-{step:06d}")  # fmt: skip
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-
-
-def restore_checkpoint(path: Path, model, optimizer, scheduler, guard: "Guard | None") -> int:
-    """Load a `save_checkpoint` folder into the model, optimiser, scheduler and guard; the step it was taken after."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)  # (creates the optimiser's state to load into)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer = json.loads((path / TRAINER_STATE).read_text())
-    scheduler.load_state_dict(trainer["scheduler"])
-    if guard is not None and trainer["guard"] is not None:
-        guard.load(trainer["guard"])
-    return int(trainer["step"])
-
-
-def keep_metrics_up_to(path: Path, step: int) -> None:
-    """Drop the lines of steps after `step` (logged before a failure, redone now): `metrics.jsonl`
-    keeps exactly one line per step across restarts."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-
-
-class Guard:
-    """The guard's state in the loop (stages/train/guard.py): the watched history, fired once."""
-
-    def __init__(self, cfg, method):
-        self.cfg, self.method, self.history, self.fired = cfg, method, [], False
-
-    def update(self, metrics: dict[str, float], step: int) -> str | None:
-        """The guard's message at `step` if it fires now (and `self.method` is then the new method)."""
-        if self.fired:
-            return None
-        self.history.append(metrics["logratios/rejected"])
-        reason = guard_reason(self.history, self.cfg)
-        if reason is None:
-            return None
-        self.fired, before = True, self.method
-        self.method = guarded_method(self.method, self.cfg)
-        changed = "" if self.method == before else f"; method from now on: {self.method.model_dump()}"
-        return f"{reason}; action {self.cfg.action}{changed}"
-
-    def state(self) -> dict:
-        return {"history": self.history, "fired": self.fired, "method": self.method.model_dump()}
-
-    def load(self, state: dict) -> None:
-        from pipeline.config import TrainConfig
-
-        self.history, self.fired = list(state["history"]), bool(state["fired"])
-        self.method = TrainConfig.model_validate({"method": state["method"]}).method
 
 
 def micro_batch_for(share: int, micro_batch_size: int | None) -> int:

@@ -9,8 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.config import DPOMethod, DPOSFTMethod, FlexDPOMethod, GuardConfig, IPOMethod, SimPOMethod, TrainConfig
-from stages.train.guard import guard_reason, guarded_method
-from stages.train.loop import Guard
+from stages.train.guard import Guard, guard_reason, guarded_method
 
 
 def _first_fire(series: list[float], cfg: GuardConfig) -> int | None:
