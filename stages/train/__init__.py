@@ -68,17 +68,15 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
 
+    from stages.train.batch import write_tokenized
     from stages.train.loop import train_loop
 
     tc = cfg.train
     pairs_file = Path(inputs["pairs"]) / f"s{tc.scenario}" / "pairs.parquet"
     if not pairs_file.is_file():
         raise UserError(f"{pairs_file} not found: train.scenario={tc.scenario} must be one of pairs.scenarios")
-    from transformers import AutoTokenizer
-
-    from stages.train.batch import write_tokenized
-
     num_pairs = pq.read_metadata(pairs_file).num_rows
     batch_size = effective_batch_size(num_pairs, tc.batch_size, tc.num_workers)
     tokenized = out / "tokenized_pairs.parquet"
@@ -117,7 +115,7 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
             ) from None
         raise
     steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
-    shutil.rmtree(out / ".ray-train", ignore_errors=True)
+    shutil.rmtree(out / ".ray-train", ignore_errors=True)  # the sharded checkpoints: done, checkpoint/ is the model
     for marker in out.glob(".killed-*"):  # left by the tests' fault injection
-        marker.unlink()  # the sharded checkpoints: the run is done, checkpoint/ is the model
+        marker.unlink()
     return {"pairs": num_pairs, "batch_size": batch_size, "steps": steps, "rows": steps}
