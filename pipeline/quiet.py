@@ -49,6 +49,9 @@ _SKIPPED_WORKER_LINES = (
 )
 
 
+_VLLM_ASYNC_LLM_LOGGER = "vllm.v1.engine.async_llm"
+
+
 def before_ray_import() -> None:
     """For a process that will start a local cluster (no `ray.address`, no RAY_ADDRESS): call
     it before Ray is imported, which is when Ray reads these variables. Values already set are
@@ -74,6 +77,17 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+class _DropEngineDeadTraceback(logging.Filter):
+    """vLLM's AsyncLLM output handler logs `EngineDeadError` with a traceback when the engine core
+    process exits under it — which is also what happens when ray.data.llm shuts a finished engine
+    down, a race seen after a successful evaluate stage. An engine that really dies mid-run fails
+    every request it holds, and the stage fails with that error: the log record adds nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "EngineDeadError"
+
+
 def worker_setup() -> None:
     """Runs in every Ray worker process of a local cluster, before its first task."""
     import ray
@@ -88,6 +102,7 @@ def worker_setup() -> None:
     # logger whatever the level. Apply the level from the start of the process.
     if level := os.environ.get("VLLM_LOGGING_LEVEL"):
         logging.getLogger("vllm").setLevel(level.upper())
+    logging.getLogger(_VLLM_ASYNC_LLM_LOGGER).addFilter(_DropEngineDeadTraceback())
 
 
 def engine_env(log_level: str) -> dict[str, str]:
