@@ -58,7 +58,7 @@ def reference_batches_for(num_pairs: int, tc: TrainConfig) -> list[list[int]]:
     "before") runs these batches."""
     from stages.train.loop import epoch_order, reference_batches
 
-    from stages.train.loop import micro_batch_for
+    from stages.train.schedule import micro_batch_for
 
     share = effective_batch_size(num_pairs, tc.batch_size, tc.num_workers) // tc.num_workers
     return reference_batches(epoch_order(num_pairs, tc.seed, 0), micro_batch_for(share, tc.micro_batch_size), tc.num_workers)

@@ -42,7 +42,7 @@ from stages.train.guard import Guard
 from stages.train.logps import sequence_logps
 from stages.train.objectives import Objective, ObjectiveOutput, PairLogps, needs_reference, objective_for
 from stages.train.precision import fsdp_policy
-from stages.train.schedule import lr_factor, micro_batches
+from stages.train.schedule import lr_factor, micro_batch_for, micro_batches
 
 log = logging.getLogger("pipeline.train")
 
@@ -213,9 +213,9 @@ def term_grad_norms(model, batches: list[Batch], refs: list[tuple[Tensor | None,
     norms = {}
     for side in ("chosen", "rejected"):
         for batch, (ref_chosen, ref_rejected) in zip(batches, refs):
-            out_lp = pair_logps(model, batch, ref_chosen, ref_rejected)
-            out = objective(out_lp)
-            weight, logps = (out.dloss_dchosen, out_lp.chosen) if side == "chosen" else (out.dloss_drejected, out_lp.rejected)
+            lp = pair_logps(model, batch, ref_chosen, ref_rejected)
+            out = objective(lp)
+            weight, logps = (out.dloss_dchosen, lp.chosen) if side == "chosen" else (out.dloss_drejected, lp.rejected)
             ((weight * logps).sum() / scale).backward()
         norms[f"grad_norm/{side}"] = _grad_norm(model)
         model.zero_grad(set_to_none=True)
@@ -360,15 +360,6 @@ def train_loop(config: dict[str, Any]) -> None:
         bar.close()
         writer.close()
     save_hf_checkpoint(model, tokenizer, out / "checkpoint")
-
-
-def micro_batch_for(share: int, micro_batch_size: int | None) -> int:
-    """The micro-batch a worker runs: its whole share, or `micro_batch_size` when that divides the share."""
-    if micro_batch_size is None or micro_batch_size >= share:
-        return share
-    if share % micro_batch_size:
-        raise ValueError(f"train.micro_batch_size ({micro_batch_size}) must divide each worker's share of the batch ({share})")
-    return micro_batch_size
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:

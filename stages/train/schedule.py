@@ -1,8 +1,9 @@
 """What each step trains on and at which learning rate: pure functions, no torch.distributed.
 
-- `micro_batches`: a worker's micro-batches of one global batch. Gradient accumulation splits a
-  worker's share into micro-batches of `micro_batch_size`; summing their losses, each divided by
-  the share, gives the same gradient as one forward over the whole share (tested).
+- `micro_batch_for`, `micro_batches`: a worker's micro-batch size, and its micro-batches of one
+  global batch. Gradient accumulation splits a worker's share into micro-batches of
+  `micro_batch_size`; summing their losses, each divided by the share, gives the same gradient as
+  one forward over the whole share (tested).
 - `lr_factor`: the multiplier of the base learning rate at a step — linear warm-up, then
   constant, linear decay to 0, or a half cosine to 0 (as `transformers.get_scheduler`'s
   `constant_with_warmup`, `linear` and `cosine`, which the tests compare against).
@@ -11,6 +12,15 @@
 from __future__ import annotations
 
 import math
+
+
+def micro_batch_for(share: int, micro_batch_size: int | None) -> int:
+    """The micro-batch a worker runs: its whole share, or `micro_batch_size` when that divides the share."""
+    if micro_batch_size is None or micro_batch_size >= share:
+        return share
+    if share % micro_batch_size:
+        raise ValueError(f"train.micro_batch_size ({micro_batch_size}) must divide each worker's share of the batch ({share})")
+    return micro_batch_size
 
 
 def micro_batches(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
