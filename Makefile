@@ -11,7 +11,7 @@ run: setup
 	$(PY) -m pipeline run $(CONFIG) $(ARGS)
 
 test: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider $(ARGS)
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=25 $(ARGS)
 
 test-fast: setup  ## unit tests only (seconds)
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider $(ARGS)
