@@ -333,8 +333,21 @@ class DPOSFTMethod(Block):
     sft_weight: float = Field(1.0, ge=0.0, description="λ: weight of the chosen response's mean per-token NLL")
 
 
+class RewardModelMethod(Block):
+    """A Bradley–Terry reward model (seed 003 §5.3, RLHF's first step): loss = −log σ(r(x,y+) − r(x,y−))
+    with r a one-output sequence-classification head on the policy's backbone. Not a policy: its
+    checkpoint is a reward model for `judge: {type: reward_model}`, and evaluate reports its
+    accuracy on held-out pairs instead of answers."""
+
+    type: Literal["reward_model"] = "reward_model"
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0.0, description="TRL's: adds coefficient·mean((r+ + r−)²), rewards centred on 0; None: off"
+    )
+
+
 MethodConfig = Annotated[
-    Union[DPOMethod, IPOMethod, SLiCMethod, SimPOMethod, FlexDPOMethod, DPOSFTMethod], Field(discriminator="type")
+    Union[DPOMethod, IPOMethod, SLiCMethod, SimPOMethod, FlexDPOMethod, DPOSFTMethod, RewardModelMethod],
+    Field(discriminator="type"),
 ]
 
 
@@ -383,6 +396,12 @@ class TrainConfig(Block):
         "worker that dies, or a killed train stage run again, goes on from the last one; None: never"
     )
     max_failures: int = Field(0, ge=0, description="Ray Train restarts after a worker dies (FailureConfig)")
+    held_out_pairs: int = Field(
+        0, ge=0, description="the scenario's last this many pairs are not trained on; every `eval_every` steps the "
+        "method's metrics on them are logged with TRL's eval_ prefix (eval_loss, eval_rewards/accuracies: the "
+        "preference accuracy the report plots for every method, reward model included)"
+    )
+    eval_every: int = Field(1, ge=1, description="steps between held-out evaluations (with held_out_pairs)")
     max_length: int = Field(512, ge=8, description="prompt+response tokens; longer pairs are truncated")
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
@@ -396,6 +415,8 @@ class TrainConfig(Block):
             )
         if self.guard is not None:
             kind = self.method.type
+            if kind == "reward_model":
+                raise ValueError("guard watches logp(y−) − ref_logp(y−): a reward model has no log-probs to watch")
             if kind in ("simpo", "slic") and not (kind == "slic" and self.method.form == "hinge"):
                 raise ValueError(f"guard watches logp(y−) − ref_logp(y−): method {kind} has no reference model")
             allowed = {"lower_beta_rejected": ("dpo", "flex_dpo"), "raise_sft_weight": ("dpo", "dpo_sft")}
@@ -472,6 +493,12 @@ class RunConfig(Block):
         frm = self.next_round.sample_from
         if frm is not None and frm not in trains:
             raise ValueError(f"next_round.sample_from: no variant {frm!r}; variants: {', '.join(trains)}")
+        policies = [n for n, tc in trains.items() if tc.method.type != "reward_model"]
+        if frm is not None and frm not in policies:
+            raise ValueError(f"next_round.sample_from: {frm} trains a reward model, which cannot generate; "
+                             f"name a policy variant ({', '.join(policies) or 'none in this config'})")
+        if self.rounds > 1 and not policies:
+            raise ValueError("rounds > 1 samples round k+1 from a trained policy, but every variant trains a reward model")
         if "other" in self.sources() and self.other_sampler is None:
             needing = [k for k in self.pairs.scenarios if "other" in SCENARIO_SOURCES[k]]
             raise ValueError(f"pairs.scenarios {needing} take rejected responses from another model: add an `other_sampler:` "
@@ -524,7 +551,8 @@ class RunConfig(Block):
         trains = self.trains()
         if self.next_round.sample_from:
             return self.next_round.sample_from
-        return next((n for n, tc in trains.items() if tc.scenario == 1), next(iter(trains)))
+        policies = {n: tc for n, tc in trains.items() if tc.method.type != "reward_model"} or trains
+        return next((n for n, tc in policies.items() if tc.scenario == 1), next(iter(policies)))
 
     def for_source(self, source: str) -> "RunConfig":
         """This config as the sample and judge stages of one source see it: `sampler` is that source's."""

@@ -183,15 +183,20 @@ def _delta(summary: dict | None, base: dict | None) -> float | None:
     return summary["4&5_points"] - base["4&5_points"]
 
 
+def policy_trains(cfg: RunConfig) -> dict[str, Any]:
+    """The variants that train a policy (they answer prompts); a reward model is reported apart."""
+    return {name: tc for name, tc in cfg.trains().items() if tc.method.type != "reward_model"}
+
+
 def eval_rows(cfg: RunConfig, data: RunData) -> list[dict[str, Any]]:
-    """Table 2's rows: each round's policy, then its variants' checkpoints in config order, with
-    their summary (None where not evaluated) and Δ 4&5 points against the round's policy."""
+    """Table 2's rows: each round's policy, then its policy variants' checkpoints in config order,
+    with their summary (None where not evaluated) and Δ 4&5 points against the round's policy."""
     rows = []
     for r in data.rounds:
         base = data.evals.get((r, POLICY))
         rows.append({"round": r, "part": POLICY, "model": policy_label(cfg, r), "scenario": None, "method": None,
                      "summary": base, "delta": None})  # fmt: skip
-        for name, tc in cfg.trains().items():
+        for name, tc in policy_trains(cfg).items():
             summary = data.evals.get((r, name))
             rows.append({"round": r, "part": name, "model": f"round-{r}/{name}", "scenario": tc.scenario,
                          "method": tc.method.type, "summary": summary, "delta": _delta(summary, base)})  # fmt: skip
@@ -212,7 +217,7 @@ def eval_table(rows: list[dict[str, Any]]) -> list[str]:
 def methods_section(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
     """The paper's Table 10 (method × 5 points × 4&5 points, base model first), one per round,
     when the run's variants train more than one method."""
-    trains = cfg.trains()
+    trains = policy_trains(cfg)
     if len({tc.method.type for tc in trains.values()}) < 2:
         return []
     parts = ["## Methods (Table 10)", "",
@@ -271,7 +276,7 @@ def logp_table(cfg: RunConfig, data: RunData, round_: int, per_token: bool) -> l
 
     scenarios = cfg.pairs.scenarios
     body = [["round's policy (before training)", *(cell(_before(cfg, data, round_, k)) for k in scenarios)]]
-    for name, tc in cfg.trains().items():
+    for name, tc in policy_trains(cfg).items():
         after = (data.evals.get((round_, name)) or {}).get("after")
         body.append([f"after training ({name})", *(cell(after) if k == tc.scenario else "" for k in scenarios)])
     return markdown_table(["model", *(scenario_name(k) for k in scenarios)], body, "l" + "r" * len(scenarios))
@@ -371,6 +376,38 @@ def training_lines(data: RunData) -> list[str]:
     return lines
 
 
+def _swing(values: list[float]) -> float | None:
+    """Mean |change| between consecutive held-out evaluations: how much a curve fluctuates."""
+    steps = [abs(b - a) for a, b in zip(values, values[1:])]
+    return sum(steps) / len(steps) if steps else None
+
+
+def held_out_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
+    """seed 003 §5.3: preference accuracy on held-out pairs per step, a reward model's beside the
+    policies' (implicit-reward) accuracy, when any variant holds pairs out (`train.held_out_pairs`)."""
+    key = "eval_rewards/accuracies"
+    rows = []
+    for (r, variant), m in data.metrics.items():
+        curve = [x[key] for x in m if x.get(key) is not None]
+        if not curve:
+            continue
+        tc = cfg.trains()[variant]
+        judged = ((data.evals.get((r, variant)) or {}).get("preference") or {}).get("accuracy")
+        rows.append([f"r{r}/{variant}", tc.method.type, str(tc.held_out_pairs), f"{curve[0]:.2f} → {curve[-1]:.2f}",
+                     _num(max(curve), ".2f"), _num(_swing(curve), ".3f"), _num(judged, ".2f")])  # fmt: skip
+    if not rows:
+        return []
+    curves = (("eval_rewards/accuracies",), ("eval_loss",))
+    return ["## Held-out preference accuracy (seed 003 §5.3)", "",
+            "Share of held-out pairs each model orders right after every step: a reward model by its reward "
+            "r(x,y+) > r(x,y−), a policy by its implicit reward (DPO: β·h > 0). The paper finds the reward model's "
+            "curve steady and DPO's fluctuating; swing = mean |change| between consecutive evaluations. The reward "
+            "model's last column is its accuracy read through the reward-model judge by evaluate.", "",
+            *markdown_table(["variant", "method", "held-out pairs", "accuracy first → last", "best", "swing",
+                             "as a judge"], rows, "llrrrrr"), "",
+            *_image(plot_training(data, out, curves, "held_out_accuracy.png"), "held-out preference accuracy")]  # fmt: skip
+
+
 # ── plots (drawn in pipeline/plots.py) ──────────────────────────────────────────────────────
 def _image(path: Path | None, alt: str) -> list[str]:
     return [f"![{alt}]({path.name})", ""] if path else []
@@ -438,7 +475,7 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     parts = [*header(cfg), "", "## Held-out evaluation (greedy, judged 1-5)", "", *eval_table(rows), "", EVAL_NOTE, "",
              *unscored_note(rows), *_image(plot_scores(rows, out), "held-out scores"),
              *onpolicy_section(cfg, data), *_image(plot_logps(cfg, data, out), "log-probs before and after training"),
-             *methods_section(cfg, rows), *data_section(cfg, data),
+             *methods_section(cfg, rows), *held_out_section(cfg, data, out), *data_section(cfg, data),
              "## Training", "", *_image(plot_training(data, out), "training curves"), *training_lines(data), "",
              "3D diagnostics (seed 003 Figure 10): per-token log-probs, |∂L/∂logp| per pair, and the parameter-gradient "
              "norms of the chosen and rejected terms.", "",

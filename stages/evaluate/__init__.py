@@ -13,7 +13,9 @@ row of the paper's Table 2) and once per variant (`round-K/evaluate/<variant>/`)
   on-policy each scenario's data is.
 
 Writes `generations.parquet` (judged answers), `summary.json`, and for a variant
-`logps.parquet` (one row per pair and side, `side` "before" or "after").
+`logps.parquet` (one row per pair and side, `side` "before" or "after"). A reward-model variant
+(`method: {type: reward_model}`) cannot answer: its evaluation is its preference accuracy on the
+held-out pairs, read through the reward-model judge (`rewards.parquet`, `summary.json`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pipeline.errors import UserError
 from stages.evaluate.logps import pair_logps
 from stages.judge import judge_dataset
 from stages.judge import preflight as judge_preflight
-from stages.train import reference_batches_for
+from stages.train import reference_batches_for, trained_pairs
 
 
 def score_summary(scores: pd.Series) -> dict[str, float]:
@@ -98,22 +100,60 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     checkpoint = str(Path(inputs["train"]) / "checkpoint")
     name = f"{Path(inputs['train']).parent.parent.name}/{Path(inputs['train']).name}"  # round-K/<variant>
     pairs_file = Path(inputs["pairs"]) / f"s{cfg.train.scenario}" / "pairs.parquet"
+    num_pairs = pq.read_metadata(pairs_file).num_rows
+    trained = trained_pairs(num_pairs, cfg.train)
+    if cfg.train.method.type == "reward_model":
+        return reward_model_run(cfg, checkpoint, name, pairs_file, trained, out)
     # Training's precision policy, in the reference pass's batches and on a training worker's
     # threads: "before" is, bit for bit, the train stage's reference_logps.parquet when the
     # reference is the round's policy. Both passes run side by side, one CPU each, before the
     # engine starts.
-    ref_batches = reference_batches_for(pq.read_metadata(pairs_file).num_rows, cfg.train)
+    ref_batches = reference_batches_for(num_pairs, cfg.train)
+    limit = min(cfg.evaluate.logp_pairs or trained, trained)  # the trained pairs (held-out ones are the file's tail)
     models = {"before": inputs["policy"], "after": checkpoint}
-    logp_refs = {side: pair_logps.remote(path, str(pairs_file), cfg.train.max_length, cfg.evaluate.logp_pairs,
+    logp_refs = {side: pair_logps.remote(path, str(pairs_file), cfg.train.max_length, limit,
                                          cfg.train.dtype, batches=ref_batches)
                  for side, path in models.items()}  # fmt: skip
     logps = {side: ray.get(ref).assign(side=side) for side, ref in logp_refs.items()}
     judged, summary = held_out(cfg, checkpoint, name, out)
     summary |= {"variant": Path(inputs["train"]).name, "scenario": cfg.train.scenario, "method": cfg.train.method.type,
-                "pairs": int(pq.read_metadata(pairs_file).num_rows),
+                "pairs": num_pairs,
                 "before": {"model": inputs["policy_name"], **logp_summary(logps["before"])},
                 "after": {"model": name, **logp_summary(logps["after"])}}  # fmt: skip
     judged.to_parquet(out / "generations.parquet", index=False)
     pd.concat(logps.values(), ignore_index=True).to_parquet(out / "logps.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"prompts": summary["prompts"], "rows": len(judged), "summary": summary}
+
+
+def reward_model_run(cfg: RunConfig, checkpoint: str, name: str, pairs_file: Path, trained: int, out: Path) -> dict:
+    """A reward-model variant writes no answers: it is scored as a judge, through the reward-model
+    judge's own scorer (`stages/judge/reward_model.py`) on the held-out pairs (all pairs when none
+    are held out): preference accuracy = share of pairs with r(x,y+) > r(x,y−), seed 003 §5.3's metric."""
+    pairs = pq.read_table(pairs_file).to_pandas()
+    held = pairs.iloc[trained:] if trained < len(pairs) else pairs
+    rewards = ray.get(pair_rewards.remote(checkpoint, held, cfg.train.max_length))
+    accuracy = float((rewards["reward_chosen"] > rewards["reward_rejected"]).mean())
+    summary = {"model": name, "variant": Path(checkpoint).parent.name, "scenario": cfg.train.scenario,
+               "method": "reward_model", "pairs": len(pairs),
+               "preference": {"pairs": len(held), "held_out": trained < len(pairs), "accuracy": accuracy,
+                              "margin": float((rewards["reward_chosen"] - rewards["reward_rejected"]).mean())}}  # fmt: skip
+    rewards.to_parquet(out / "rewards.parquet", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return {"pairs": len(held), "rows": len(rewards), "summary": summary}
+
+
+@ray.remote(num_cpus=1, max_calls=1)
+def pair_rewards(model_path: str, pairs: pd.DataFrame, max_length: int) -> pd.DataFrame:
+    """r(x,y+) and r(x,y−) of each pair, as `judge: {type: reward_model, model: model_path}` reads them."""
+    from pipeline.config import RewardModelJudge
+    from stages.judge.reward_model import RewardScorer
+
+    scorer = RewardScorer(model_path, RewardModelJudge(model=model_path, max_length=max_length, thresholds=None))
+
+    def rewards(side: str) -> list[float]:
+        rows = pd.DataFrame({"messages": pairs["prompt"], "response": [turns[0]["content"] for turns in pairs[side]]})
+        return scorer(rows)["reward"].tolist()
+
+    return pd.DataFrame({"prompt_id": pairs["prompt_id"].tolist(), "reward_chosen": rewards("chosen"),
+                         "reward_rejected": rewards("rejected")})  # fmt: skip

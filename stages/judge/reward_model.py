@@ -5,7 +5,7 @@ API: it scores open-ended prompts the verifier cannot, at the speed of a forward
 
 Per row: the conversation `messages + [{"role": "assistant", "content": response}]` is rendered with
 the reward model's own chat template (no generation prompt), tokenized, and cut FROM THE LEFT to
-`max_length` tokens (the end of the response is what a reward model reads its verdict from; a
+`max_length` tokens (`pipeline/chat.py`, which the train stage's reward model reads the same way) (the end of the response is what a reward model reads its verdict from; a
 long prompt loses its start). Rows are right-padded into batches of `batch_size`; the model's
 `pad_token_id` is set so that HF pools the logit of each row's last non-pad token, as in training.
 `reward = logits[:, 0]`.
@@ -41,6 +41,7 @@ from typing import Any
 import pandas as pd
 import ray
 
+from pipeline.chat import conversation_ids, keep_end, reward_pad_id
 from pipeline.config import DataConfig, RewardModelJudge
 from pipeline.errors import UserError
 
@@ -141,17 +142,9 @@ class RewardScorer:
         model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=getattr(torch, judge.dtype))
         check_num_labels(model.config.num_labels, model_path, model.config)
         # HF pools the logit of each row's rightmost token that is not `pad_token_id`: pad with it.
-        text = model.config.get_text_config()
-        pads = (text.pad_token_id, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0)
-        self.pad_id = next(p for p in pads if p is not None)
-        text.pad_token_id = model.config.pad_token_id = self.pad_id
+        self.pad_id = reward_pad_id(model.config, self.tokenizer)
+        model.config.get_text_config().pad_token_id = model.config.pad_token_id = self.pad_id
         self.model = model.to(self.device).eval()
-
-    def token_ids(self, messages: Any, response: str) -> list[int]:
-        chat = [{"role": m["role"], "content": m["content"]} for m in messages]
-        chat.append({"role": "assistant", "content": response})
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its specials
 
     def rewards(self, ids: list[list[int]]) -> list[float]:
         """One right-padded forward; rows `[batch]`, padded width the longest row."""
@@ -170,9 +163,10 @@ class RewardScorer:
         return out.logits[:, 0].float().cpu().tolist()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        full = [self.token_ids(m, r) for m, r in zip(batch["messages"], batch["response"])]
-        rewards = self.rewards([x[-self.judge.max_length :] for x in full])
-        cut = [len(x) > self.judge.max_length for x in full]
+        read = [keep_end(conversation_ids(self.tokenizer, m, r), self.judge.max_length)
+                for m, r in zip(batch["messages"], batch["response"])]  # fmt: skip
+        rewards = self.rewards([ids for ids, _ in read])
+        cut = [c for _, c in read]
         out = batch.assign(reward=rewards, reward_truncated=cut, judge=JUDGE)
         if self.judge.thresholds is None:
             return out  # scored by rank once all of a prompt's candidates are together

@@ -7,7 +7,8 @@ rewards against `inputs["ref_model"]` (the same model, or the run's initial poli
 
 Writes into the stage folder:
 - `checkpoint/`: a plain HF folder (the config as loaded: dropout is switched off for training
-  only, never in the saved config);
+  only, never in the saved config); for `method: {type: reward_model}` a one-output
+  sequence-classification model, a `judge: {type: reward_model}` as it is;
 - `metrics.jsonl`: one line per step, TRL's metric names plus the 3D diagnostics (names in
   `stages/train/objectives.py` and `loop.term_grad_norms`), the same in `tensorboard/`;
 - `tokenized_pairs.parquet`: `prompt_id, prompt_ids, chosen_ids, rejected_ids`, the token ids
@@ -51,17 +52,28 @@ def effective_batch_size(num_pairs: int, batch_size: int, num_workers: int) -> i
     return shrunk
 
 
+def trained_pairs(num_pairs: int, tc: TrainConfig) -> int:
+    """How many of a pairs file's `num_pairs` rows are trained on: all but the last
+    `held_out_pairs` (evaluated every `eval_every` steps, never trained on)."""
+    if tc.held_out_pairs and tc.held_out_pairs >= num_pairs:
+        raise UserError(
+            f"train.held_out_pairs={tc.held_out_pairs}: scenario {tc.scenario} has only {num_pairs} pairs, so none "
+            "would be left to train on; hold out fewer (a tenth of the pairs is usual)"
+        )
+    return num_pairs - tc.held_out_pairs
+
+
 def reference_batches_for(num_pairs: int, tc: TrainConfig) -> list[list[int]]:
     """The forward batches (pair indices) in which the train stage computes the reference
-    log-probs of `num_pairs` pairs under `tc`. In bf16 a pair's log-probs depend on the padded
-    width of its batch, so a forward that must reproduce `reference_logps.parquet` (evaluate's
-    "before") runs these batches."""
+    log-probs of a pairs file of `num_pairs` rows under `tc` (its trained pairs, the first
+    `trained_pairs`). In bf16 a pair's log-probs depend on the padded width of its batch, so a
+    forward that must reproduce `reference_logps.parquet` (evaluate's "before") runs these batches."""
     from stages.train.loop import epoch_order, reference_batches
-
     from stages.train.schedule import micro_batch_for
 
-    share = effective_batch_size(num_pairs, tc.batch_size, tc.num_workers) // tc.num_workers
-    return reference_batches(epoch_order(num_pairs, tc.seed, 0), micro_batch_for(share, tc.micro_batch_size), tc.num_workers)
+    trained = trained_pairs(num_pairs, tc)
+    share = effective_batch_size(trained, tc.batch_size, tc.num_workers) // tc.num_workers
+    return reference_batches(epoch_order(trained, tc.seed, 0), micro_batch_for(share, tc.micro_batch_size), tc.num_workers)
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
@@ -78,11 +90,12 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     if not pairs_file.is_file():
         raise UserError(f"{pairs_file} not found: train.scenario={tc.scenario} must be one of pairs.scenarios")
     num_pairs = pq.read_metadata(pairs_file).num_rows
-    batch_size = effective_batch_size(num_pairs, tc.batch_size, tc.num_workers)
+    batch_size = effective_batch_size(trained_pairs(num_pairs, tc), tc.batch_size, tc.num_workers)
     tokenized = out / "tokenized_pairs.parquet"
     if not tokenized.exists():  # a resumed stage has it
         tokenizer = AutoTokenizer.from_pretrained(inputs["policy"])
-        write_tokenized(tokenized, tokenizer, pq.read_table(pairs_file).to_pylist(), tc.max_length)
+        write_tokenized(tokenized, tokenizer, pq.read_table(pairs_file).to_pylist(), tc.max_length,
+                        reward_model=tc.method.type == "reward_model")  # fmt: skip
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -118,4 +131,5 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     shutil.rmtree(out / ".ray-train", ignore_errors=True)  # the sharded checkpoints: done, checkpoint/ is the model
     for marker in out.glob(".killed-*"):  # left by the tests' fault injection
         marker.unlink()
-    return {"pairs": num_pairs, "batch_size": batch_size, "steps": steps, "rows": steps}
+    return {"pairs": num_pairs, "held_out_pairs": tc.held_out_pairs, "batch_size": batch_size, "steps": steps,
+            "rows": steps}  # fmt: skip

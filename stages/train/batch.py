@@ -61,17 +61,31 @@ def tokenize_pair(tokenizer, row: dict[str, Any], max_length: int) -> TokenizedP
     return TokenizedPair(prompt, chosen[:budget], rejected[:budget])
 
 
+def tokenize_reward_pair(tokenizer, row: dict[str, Any], max_length: int) -> TokenizedPair:
+    """A pair as a reward model reads it (`pipeline/chat.py`, as the reward-model judge does): each
+    side the whole conversation, prompt chat + response text, cut from the left to `max_length`.
+    No shared prompt (`prompt` is empty): each sequence is "response" to `collate`."""
+    from pipeline.chat import conversation_ids, keep_end
+
+    messages = _messages(row["prompt"])
+    chosen, _ = keep_end(conversation_ids(tokenizer, messages, _response_text(row["chosen"])), max_length)
+    rejected, _ = keep_end(conversation_ids(tokenizer, messages, _response_text(row["rejected"])), max_length)
+    return TokenizedPair([], chosen, rejected)
+
+
 TOKENIZED_COLUMNS = ("prompt_id", "prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def write_tokenized(path, tokenizer, rows: list[dict[str, Any]], max_length: int) -> int:
+def write_tokenized(path, tokenizer, rows: list[dict[str, Any]], max_length: int, reward_model: bool = False) -> int:
     """Tokenize every pair once (in the driver) into a Parquet of token ids that every worker
     reads, instead of each worker tokenizing every pair: `prompt_id, prompt_ids, chosen_ids,
-    rejected_ids`, in the pairs file's order. Returns the number of pairs."""
+    rejected_ids`, in the pairs file's order (for a reward model, `tokenize_reward_pair`'s).
+    Returns the number of pairs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pairs = [tokenize_pair(tokenizer, row, max_length) for row in rows]
+    tokenize = tokenize_reward_pair if reward_model else tokenize_pair
+    pairs = [tokenize(tokenizer, row, max_length) for row in rows]
     table = pa.table({
         "prompt_id": [str(row.get("prompt_id", i)) for i, row in enumerate(rows)],
         "prompt_ids": [p.prompt for p in pairs], "chosen_ids": [p.chosen for p in pairs],

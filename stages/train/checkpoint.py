@@ -84,17 +84,22 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
 
 
 def save_hf_checkpoint(model, tokenizer, out_dir: Path) -> None:
-    """Gather the full state dict to rank 0 and save a plain HF folder (loads in transformers and vLLM)."""
+    """Gather the full state dict to rank 0 and save a plain HF folder (loads in transformers and vLLM;
+    a reward model as AutoModelForSequenceClassification, the reward-model judge's input)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from stages.train.reward_model import is_reward_model
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
+        auto = AutoModelForSequenceClassification if is_reward_model(model) else AutoModelForCausalLM
         with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+            plain = auto.from_config(model.config, dtype=torch.float32)
         plain.load_state_dict(state, assign=True)
         plain.tie_weights()
-        plain.generation_config = model.generation_config
+        if getattr(model, "generation_config", None) is not None:
+            plain.generation_config = model.generation_config
         plain.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     dist.barrier()

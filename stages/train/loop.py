@@ -17,8 +17,12 @@ Every worker runs `train_loop`. The recipe:
    the whole global batch; a reference-free method (SimPO, SLiC) skips step 2;
 4. rank 0 logs TRL-named metrics (global means) plus the 3D diagnostics — per-token logps,
    |∂L/∂logp(y±)|, and every `diagnostics_every` steps the chosen and rejected terms' parameter-
-   gradient norms (`term_grad_norms`) — to `metrics.jsonl` and TensorBoard, with a progress bar;
+   gradient norms (`term_grad_norms`) — and, with `held_out_pairs`, the metrics on pairs never
+   trained on (`held_out_metrics`) to `metrics.jsonl` and TensorBoard, with a progress bar;
 5. the full state dict is gathered to rank 0 and saved as a plain HF folder.
+
+A reward model (`method: {type: reward_model}`) runs the same recipe: its "log-probs" are the
+head's rewards (`policy_logps`), its objective Bradley–Terry, and it has no reference pass.
 """
 
 from __future__ import annotations
@@ -42,21 +46,29 @@ from stages.train.guard import Guard
 from stages.train.logps import sequence_logps
 from stages.train.objectives import Objective, ObjectiveOutput, PairLogps, needs_reference, objective_for
 from stages.train.precision import fsdp_policy
+from stages.train.reward_model import is_reward_model, load_reward_backbone, pair_rewards
 from stages.train.schedule import lr_factor, micro_batch_for, micro_batches
 
 log = logging.getLogger("pipeline.train")
 
 
 # ── building blocks (also used by the FSDP equivalence test) ────────────────────────────────
-def load_policy(path: str, dtype: str, device: torch.device, activation_checkpointing: bool = False):
+def load_policy(path: str, dtype: str, device: torch.device, activation_checkpointing: bool = False,
+                reward_model_of: Any = None):  # fmt: skip
     """The policy with dropout off, FSDP2-sharded under the run's precision policy
     (`stages/train/precision.py`: bf16 means bf16 compute over fp32 master weights).
     Activation checkpointing recomputes each decoder layer's activations in the backward pass:
-    memory of one layer's activations instead of all, for about one more forward."""
+    memory of one layer's activations instead of all, for about one more forward.
+    `reward_model_of` (a tokenizer): the policy's backbone under a new reward head instead
+    (`stages/train/reward_model.py`)."""
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
-    model = disable_dropout(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device))
+    if reward_model_of is not None:
+        model = load_reward_backbone(path, reward_model_of)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = disable_dropout(model.to(device))
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = fsdp_policy(dtype)
@@ -92,10 +104,14 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def policy_logps(model, batch: Batch) -> tuple[Tensor, Tensor]:
-    """(chosen logps [B], rejected logps [B]) in one forward over the 2B sequences.
+    """(chosen logps [B], rejected logps [B]) in one forward over the 2B sequences; for a reward
+    model its rewards r(x,y±) (`stages/train/reward_model.py`), which every objective-facing
+    function here then carries in the log-probs' place.
 
     Positions count real tokens only (`cumsum(attention_mask) − 1`), so a left-padded sequence is
     scored as it would be alone; with right padding they are 0..n−1, what the model assumes anyway."""
+    if is_reward_model(model):
+        return pair_rewards(model, batch.input_ids, batch.attention_mask, batch.num_pairs)
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids).logits
     logps = sequence_logps(logits, batch.input_ids, batch.loss_mask)
@@ -233,6 +249,20 @@ def global_means(out: ObjectiveOutput | list[ObjectiveOutput], global_pairs: int
     return {name: float(v) / global_pairs for name, v in zip(names, local)}
 
 
+def held_out_metrics(model, held: list[TokenizedPair], refs: tuple[Tensor | None, Tensor | None], pad_id: int,
+                     micro_batch: int, device, objective: Objective) -> dict[str, float]:  # fmt: skip
+    """The objective's metrics on pairs never trained on, under TRL's eval_ prefix
+    (`eval_loss`, `eval_rewards/accuracies`, ...): the held-out preference accuracy of seed 003
+    §5.3 for a policy (implicit reward margin > 0) and a reward model (r+ > r−) alike. One no_grad
+    pass in the reference pass's batches (so at step 0 a policy's h is exactly 0), identical on
+    every rank."""
+    chosen, rejected = reference_logps(model, held, pad_id, micro_batch, device)
+    lengths = torch.tensor([[len(p.chosen) for p in held], [len(p.rejected) for p in held]], device=chosen.device)
+    out = objective(PairLogps(chosen, rejected, lengths[0], lengths[1], *refs))
+    means = {"loss": out.losses, **{k: v for k, v in out.metrics.items() if not k.startswith("grads/")}}
+    return {f"eval_{name}": float(v.float().mean()) for name, v in means.items()}
+
+
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
@@ -265,22 +295,33 @@ def train_loop(config: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(config["policy"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = read_tokenized(config["tokenized"])  # tokenized once by the driver
-    prompt_ids = pq.read_table(config["tokenized"], columns=["prompt_id"]).column("prompt_id").to_pylist()
+    tokenized = read_tokenized(config["tokenized"])  # tokenized once by the driver
+    trained = len(tokenized) - cfg.held_out_pairs  # the last `held_out_pairs` are evaluated, never trained on
+    pairs, held = tokenized[:trained], tokenized[trained:]
+    prompt_ids = pq.read_table(config["tokenized"], columns=["prompt_id"]).column("prompt_id").to_pylist()[:trained]
     objective = objective_for(cfg.method)
+    reward_model = cfg.method.type == "reward_model"
     batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
     share = batch_size // world
     micro = micro_batch_for(share, cfg.micro_batch_size)
     first_order = epoch_order(len(pairs), cfg.seed, 0)
     ref_path = config.get("ref_model", config["policy"])
     ref_chosen = ref_rejected = None
+    held_refs: tuple[Tensor | None, Tensor | None] = (None, None)
     if needs_reference(cfg.method) and ref_path != config["policy"]:
         reference = load_policy(ref_path, cfg.dtype, device)
         ref_chosen, ref_rejected = reference_logps(reference, pairs, pad_id, micro, device, first_order)
+        if held:
+            held_refs = reference_logps(reference, held, pad_id, micro, device)
         del reference
-    model = load_policy(config["policy"], cfg.dtype, device, cfg.activation_checkpointing)
+    model = load_policy(config["policy"], cfg.dtype, device, cfg.activation_checkpointing,
+                        reward_model_of=tokenizer if reward_model else None)  # fmt: skip
+    if reward_model:
+        pad_id = model.config.pad_token_id  # what its pooling skips (`pipeline/chat.reward_pad_id`)
     if needs_reference(cfg.method) and ref_path == config["policy"]:
         ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, micro, device, first_order)
+        if held:
+            held_refs = reference_logps(model, held, pad_id, micro, device)
     if rank == 0 and ref_chosen is not None:
         write_reference_logps(out / "reference_logps.parquet", prompt_ids, ref_chosen, ref_rejected)
     optimizer = make_optimizer(model, cfg)
@@ -335,8 +376,11 @@ def train_loop(config: dict[str, Any]) -> None:
         fired = guard.update(metrics, step + 1) if guard else None
         if fired:
             objective = objective_for(guard.method)
+        evaluated = {}
+        if held and ((step + 1) % cfg.eval_every == 0 or step == len(schedule) - 1):
+            evaluated = held_out_metrics(model, held, held_refs, pad_id, micro, device, objective)
         if rank == 0:
-            record = {"step": step + 1, "epoch": step * batch_size / len(pairs), **metrics, **diagnostics,
+            record = {"step": step + 1, "epoch": step * batch_size / len(pairs), **metrics, **diagnostics, **evaluated,
                       "grad_norm": grad_norm, "lr": lr, **({"guard": fired} if fired else {}),
                       **({"restored_from_step": start} if start and step == start else {})}  # fmt: skip
             with open(out / "metrics.jsonl", "a") as f:

@@ -199,6 +199,35 @@ def simpo(lp: PairLogps, beta: float = 2.0, gamma: float = 0.5) -> ObjectiveOutp
                    -beta * weight / chosen_len, beta * weight / rejected_len)  # fmt: skip
 
 
+def bradley_terry(lp: PairLogps, center_rewards_coefficient: float | None = None) -> ObjectiveOutput:
+    """Reward-model training (Bradley–Terry; seed 003 eq. 2, TRL's `RewardTrainer`):
+    `L = −log σ(r(x,y+) − r(x,y−))`, plus `α·(r+ + r−)²` with TRL's `center_rewards_coefficient` α.
+
+    Here `lp.chosen` and `lp.rejected` hold the reward head's scalar r(x,y±), not log-probs (the
+    loop's `pair_logps` puts them there for a sequence-classification model); lengths and
+    references are unused. DPO's loss is this one with r = β·(logπ − logπ_ref): the same
+    logistic regression on a margin, which is why seed 003 §5.3 trains both on the same pairs —
+    the RM's accuracy rises steadily where DPO's, pulling on likelihoods, swings.
+    ∂L/∂r+ = −σ(r− − r+) + 2α(r+ + r−), ∂L/∂r− = +σ(r− − r+) + 2α(r+ + r−).
+    Metrics: TRL's `accuracy`, `margin`, `mean_reward`, and the same numbers under the DPO names
+    `rewards/*` so one plot holds both methods' curves; `grads/{chosen,rejected}_rewards`.
+    """
+    chosen, rejected = lp.chosen, lp.rejected
+    z = chosen - rejected
+    weight = torch.sigmoid(-z)
+    losses, dc, dr = -F.logsigmoid(z), -weight, weight
+    if center_rewards_coefficient is not None:
+        losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
+        dc = dc + 2 * center_rewards_coefficient * (chosen + rejected)
+        dr = dr + 2 * center_rewards_coefficient * (chosen + rejected)
+    accuracy = (chosen > rejected).to(losses.dtype)
+    metrics = {"accuracy": accuracy, "margin": z, "mean_reward": (chosen + rejected) / 2,
+               "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": z, "rewards/accuracies": accuracy,
+               "grads/chosen_rewards": dc.abs(), "grads/rejected_rewards": dr.abs()}  # fmt: skip
+    return ObjectiveOutput(losses=losses, metrics={k: v.detach() for k, v in metrics.items()},
+                           dloss_dchosen=dc.detach(), dloss_drejected=dr.detach())  # fmt: skip
+
+
 # ── from the config ──────────────────────────────────────────────────────────────────────────
 def objective_for(method) -> Objective:
     """The objective a method config names (`train.method.type`), with its hyper-parameters bound."""
@@ -217,16 +246,19 @@ def objective_for(method) -> Objective:
         return partial(flex_dpo, beta_chosen=method.beta_chosen, beta_rejected=method.beta_rejected)
     if kind == "dpo_sft":
         return partial(dpo_sft, beta=method.beta, sft_weight=method.sft_weight)
+    if kind == "reward_model":
+        return partial(bradley_terry, center_rewards_coefficient=method.center_rewards_coefficient)
     raise ValueError(f"no objective for method type {kind!r}")
 
 
 def needs_reference(method) -> bool:
     """Whether the method measures against π_ref: SimPO and SLiC's own form are reference-free, so
-    training skips the reference pass (no reference model, no reference_logps.parquet)."""
+    training skips the reference pass (no reference model, no reference_logps.parquet); so does
+    a reward model."""
     if method.type == "slic":
         return method.form == "hinge"
     if method.type in {"dpo", "ipo", "flex_dpo", "dpo_sft"}:
         return True
-    if method.type == "simpo":
+    if method.type in {"simpo", "reward_model"}:
         return False
     raise ValueError(f"no objective for method type {method.type!r}")

@@ -235,6 +235,62 @@ def test_simpo_skips_the_reference_and_logs_the_3d_diagnostics(tiny_llama, ray_l
     assert [s for s, _ in logged["train/grad_norm/chosen"]] == [1, 3, 4]
 
 
+def test_a_reward_model_and_dpo_on_the_same_pairs_log_held_out_accuracy_and_the_rm_is_a_judge(tiny_llama, ray_local,
+                                                                                                tmp_path):
+    """seed 003 §5.3 on the tiny Llama: `method: {type: reward_model}` and DPO train on the same 8
+    pairs, the last 4 of 12 held out. Both log held-out preference accuracy every step under one
+    name (`eval_rewards/accuracies`); the reward model's checkpoint is a one-output
+    sequence-classification model the reward-model judge loads, and the judge's rewards of the
+    held-out pairs are the ones training measured (train and judge read a pair alike); evaluate
+    reports the judge's accuracy."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.config import RewardModelJudge
+    from stages import evaluate
+    from stages.judge.reward_model import RewardScorer
+    from stages.judge.reward_model import preflight as judge_preflight
+
+    common = {"batch_size": 4, "num_workers": 2, "lr": 1e-3, "epochs": 2, "held_out_pairs": 4, "diagnostics_every": None}
+    rm_stats, rm = _train(tiny_llama, tmp_path / "rm", common | {"method": {"type": "reward_model"}}, n_pairs=12)
+    dpo_stats, dpo = _train(tiny_llama, tmp_path / "dpo", common | {"method": {"type": "dpo"}}, n_pairs=12)
+    assert rm_stats["steps"] == dpo_stats["steps"] == 4  # 8 trained pairs / 4 × 2 epochs: the 4 held out are not
+    assert not (rm / "reference_logps.parquet").exists()
+    assert len(pd.read_parquet(dpo / "reference_logps.parquet")) == 8
+    for out in (rm, dpo):
+        lines = _lines(out)
+        assert [r["step"] for r in lines] == [1, 2, 3, 4]
+        assert all(0.0 <= r["eval_rewards/accuracies"] <= 1.0 and math.isfinite(r["eval_loss"]) for r in lines)
+    rm_lines = _lines(rm)
+    assert all(r["eval_accuracy"] == r["eval_rewards/accuracies"] for r in rm_lines)  # TRL's RM name, same number
+    assert rm_lines[-1]["loss"] < rm_lines[0]["loss"]
+    assert "logps/chosen" not in rm_lines[0] and "accuracy" in rm_lines[0] and "margin" in rm_lines[0]
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(rm / "checkpoint", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    judge = RewardModelJudge(model=str(rm / "checkpoint"), max_length=256, thresholds=None)
+    judge_preflight(judge, None)  # a judge as it is
+    held = _pairs(12).iloc[8:]
+    scorer = RewardScorer(str(rm / "checkpoint"), judge)
+    rewards = {side: scorer(pd.DataFrame({"messages": held["prompt"], "response": [t[0]["content"] for t in held[side]]}))
+               ["reward"].to_numpy() for side in ("chosen", "rejected")}  # fmt: skip
+    assert rewards["chosen"].mean() == pytest.approx(rm_lines[-1]["eval_rewards/chosen"], abs=1e-4)
+    assert rewards["rejected"].mean() == pytest.approx(rm_lines[-1]["eval_rewards/rejected"], abs=1e-4)
+    accuracy = float((rewards["chosen"] > rewards["rejected"]).mean())
+    assert accuracy == rm_lines[-1]["eval_accuracy"]
+
+    # evaluate: no answers from a reward model, its accuracy on the held-out pairs through the judge
+    cfg = RunConfig.model_validate({"policy": str(tiny_llama), "train": common | {"method": {"type": "reward_model"},
+                                                                                   "max_length": 256}})  # fmt: skip
+    (tmp_path / "eval").mkdir()
+    stats = evaluate.run(cfg, {"policy": str(tiny_llama), "policy_name": "tiny", "train": str(rm),
+                               "pairs": str(tmp_path / "rm" / "pairs")}, tmp_path / "eval")  # fmt: skip
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["method"] == "reward_model" and summary["preference"]["held_out"] is True
+    assert summary["preference"]["pairs"] == 4 and summary["preference"]["accuracy"] == accuracy
+    assert stats["summary"] == summary and not (tmp_path / "eval" / "generations.parquet").exists()
+
+
 def test_the_guard_fires_in_a_run_and_changes_the_method(tiny_llama, ray_local, tmp_path):
     """below_reference = 1e-6 nats: step 1 is the reference (log-ratio 0), so the guard fires at the
     first step whose rejected log-ratio is below 0, once, and DPO becomes Flex-DPO with β− halved:

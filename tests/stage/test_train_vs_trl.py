@@ -431,3 +431,76 @@ def test_first_step_matches_cpo_trainer_simpo(trl, ours_simpo):
     # and the exact formula, so a shared mistake would not pass: −log σ(β·(c̄ − r̄) − γ)
     z = SIMPO_BETA * (run["chosen"].double() - run["rejected"].double()) - SIMPO_GAMMA
     assert abs(run["loss"] - float(-F.logsigmoid(z).mean())) < TOL
+
+
+# ── the reward model against TRL's RewardTrainer ─────────────────────────────────────────────
+@pytest.fixture(scope="module")
+def reward_init(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama's backbone under a seeded one-output head, saved: both sides start from it."""
+    from transformers import AutoTokenizer
+
+    from stages.train.reward_model import load_reward_backbone
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    model = load_reward_backbone(str(tiny_llama), tokenizer)
+    with torch.no_grad():  # a head that tells the pairs apart: std 0.02 gives rewards of ~1e-3
+        model.score.weight.mul_(50)
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-rm"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _run_trl_reward(model_path: Path, alpha: float | None, out_dir: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    record: dict = {}
+
+    class RecordingRewardTrainer(RewardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if "loss" not in record:
+                rewards = outputs.logits[:, 0].detach().clone()
+                record.update(loss=float(loss.detach()), input_ids=inputs["input_ids"].clone(),
+                              chosen=rewards[:N], rejected=rewards[N:],
+                              metrics={k: v[-1] for k, v in self._metrics["train"].items()})  # fmt: skip
+            return (loss, outputs) if return_outputs else loss
+
+    config = RewardConfig(**_common_args(out_dir), center_rewards_coefficient=alpha, remove_unused_columns=False)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch.float32)
+    trainer = RecordingRewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(ROWS),
+                                     processing_class=AutoTokenizer.from_pretrained(model_path))  # fmt: skip
+    trainer.train()
+    return record
+
+
+@pytest.mark.parametrize("alpha", [None, 0.05])
+def test_reward_model_step_matches_reward_trainer(reward_init, tmp_path, alpha):
+    """One step of TRL 1.16's RewardTrainer and ours (`method: {type: reward_model}`, as
+    `train_loop` runs it: `load_policy(reward_model_of=...)`, `tokenize_reward_pair`, `collate`,
+    `step_loss`) on the same pairs from the same head: same token ids, same rewards, same loss."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import RewardModelMethod
+    from stages.train.batch import collate, tokenize_reward_pair
+    from stages.train.loop import load_policy, step_loss
+    from stages.train.objectives import objective_for
+
+    trl_step = _run_trl_reward(reward_init, alpha, str(tmp_path / "trl"))
+    tokenizer = AutoTokenizer.from_pretrained(reward_init)
+    with _process_group():
+        model = load_policy(str(reward_init), "float32", torch.device("cpu"), reward_model_of=tokenizer)
+        batch = collate([tokenize_reward_pair(tokenizer, row, MAX_LENGTH) for row in ROWS], model.config.pad_token_id)
+        model.train()
+        loss, out = step_loss(model, batch, None, None, objective_for(RewardModelMethod(center_rewards_coefficient=alpha)))
+    width = trl_step["input_ids"].shape[1]
+    assert batch.input_ids.shape[1] == width and torch.equal(batch.input_ids, trl_step["input_ids"])
+    assert _max_diff(out.metrics["rewards/chosen"], trl_step["chosen"]) < TOL
+    assert _max_diff(out.metrics["rewards/rejected"], trl_step["rejected"]) < TOL
+    assert abs(float(loss) - trl_step["loss"]) < TOL
+    assert float(out.metrics["accuracy"].mean()) == pytest.approx(trl_step["metrics"]["accuracy"], abs=1e-6)
+    assert float(out.metrics["margin"].mean()) == pytest.approx(trl_step["metrics"]["margin"], abs=TOL)
+    assert _max_diff(trl_step["chosen"], trl_step["rejected"]) > 1e-3  # the head tells pairs apart: not ln 2 by luck

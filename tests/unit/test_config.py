@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.config import (
     BuiltinMathData,
@@ -19,9 +20,8 @@ from pipeline.errors import UserError
 RUN_KEYS = ["data", "evaluate", "judge", "name", "next_round", "other_sampler", "pairs", "policy", "ray", "rounds", "sampler", "seed",
             "train", "variants"]
 TRAIN_KEYS = [
-    "activation_checkpointing", "batch_size", "checkpoint_every", "diagnostics_every", "dtype", "epochs", "grad_clip",
-    "guard", "lr",
-    "lr_schedule", "max_failures", "max_length", "max_steps", "method", "micro_batch_size", "num_workers", "optimizer",
+    "activation_checkpointing", "batch_size", "checkpoint_every", "diagnostics_every", "dtype", "epochs", "eval_every",
+    "grad_clip", "guard", "held_out_pairs", "lr", "lr_schedule", "max_failures", "max_length", "max_steps", "method", "micro_batch_size", "num_workers", "optimizer",
     "scenario", "seed", "use_gpu", "warmup_steps", "weight_decay",
 ]  # fmt: skip
 
@@ -288,3 +288,18 @@ def test_reward_model_thresholds_must_be_four_ascending_rewards(write):
     assert "thresholds must be 4 strictly ascending rewards" in message
     assert "judge" in _error(write("judge: {type: reward_model, model: /m, thresholds: [0, 1]}"))
     assert _line_for(_error(write("judge: {type: openai}")), "judge.model").endswith("required key is missing")
+
+
+def test_a_reward_model_variant_cannot_be_sampled_from_nor_guarded():
+    """A reward model cannot generate: the next round never samples from it, by default or by name."""
+    variants = {"rm": {"method": {"type": "reward_model"}}, "dpo": {"method": {"type": "dpo"}}}
+    cfg = RunConfig(rounds=2, variants=variants)
+    assert cfg.sample_from() == "dpo"  # the first variant on scenario 1 that is a policy
+    with pytest.raises(ValidationError, match="next_round.sample_from: rm trains a reward model, which cannot generate"):
+        RunConfig(rounds=2, variants=variants, next_round={"sample_from": "rm"})
+    with pytest.raises(ValidationError, match="every variant trains a reward model"):
+        RunConfig(rounds=2, variants={"rm": {"method": {"type": "reward_model"}}})
+    with pytest.raises(ValidationError, match="a reward model has no log-probs to watch"):
+        RunConfig(train={"method": {"type": "reward_model"}, "guard": {}})
+    assert RunConfig(variants={"rm": {"method": {"type": "reward_model", "center_rewards_coefficient": 0.01}}}).trains()[
+        "rm"].method.center_rewards_coefficient == 0.01

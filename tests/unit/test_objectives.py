@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DPOMethod, DPOSFTMethod, FlexDPOMethod, IPOMethod, SimPOMethod, SLiCMethod
+from pipeline.config import DPOMethod, DPOSFTMethod, FlexDPOMethod, IPOMethod, RewardModelMethod, SimPOMethod, SLiCMethod
 from stages.train.objectives import (
     PairLogps,
+    bradley_terry,
     dpo,
     dpo_sft,
     flex_dpo,
@@ -523,6 +524,7 @@ def test_objective_for_unknown_method():
 @pytest.mark.parametrize("config, needed", [
     (DPOMethod(), True), (IPOMethod(), True), (FlexDPOMethod(), True), (DPOSFTMethod(), True),
     (SLiCMethod(form="hinge"), True), (SLiCMethod(), False), (SLiCMethod(form="slic"), False), (SimPOMethod(), False),
+    (RewardModelMethod(), False),
 ])  # fmt: skip
 def test_needs_reference(config, needed):
     assert needs_reference(config) is needed
@@ -533,6 +535,61 @@ def test_needs_reference(config, needed):
             objective_for(config)(lp)
     else:
         assert torch.isfinite(objective_for(config)(lp).losses).all()
+
+
+# ── the reward model's Bradley–Terry loss ──────────────────────────────────────────────────────
+# (r+, r−): the reward head's outputs; one tie, one wrong order, one large margin either way
+REWARDS = [(1.5, -0.5), (-2.0, 1.0), (0.25, 0.25), (40.0, -3.0), (-30.0, 25.0)]
+
+
+def _hand_bradley_terry(rc: float, rr: float, alpha: float | None) -> dict[str, float]:
+    """−log σ(r+ − r−) [+ α(r+ + r−)²]; d/dr+ = −σ(r− − r+) [+ 2α(r+ + r−)], d/dr− = +σ(r− − r+) [+ ...]."""
+    z = rc - rr
+    loss, dc, dr = _softplus(-z), -_sigmoid(-z), _sigmoid(-z)
+    if alpha is not None:
+        loss += alpha * (rc + rr) ** 2
+        dc += 2 * alpha * (rc + rr)
+        dr += 2 * alpha * (rc + rr)
+    return dict(loss=loss, dc=dc, dr=dr, accuracy=1.0 if rc > rr else 0.0, margin=z, mean_reward=(rc + rr) / 2)
+
+
+def _rewards(requires_grad=False) -> PairLogps:
+    rc, rr = zip(*REWARDS)
+    t = lambda v: torch.tensor(v, dtype=torch.float64, requires_grad=requires_grad)  # noqa: E731
+    ones = torch.ones(len(REWARDS), dtype=torch.long)  # lengths: unused by the reward model
+    return PairLogps(t(rc), t(rr), 7 * ones, 3 * ones)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.01, 0.5])
+def test_bradley_terry_matches_hand_computation_and_autograd(alpha):
+    lp = _rewards(requires_grad=True)
+    out = bradley_terry(lp, center_rewards_coefficient=alpha)
+    dc, dr = torch.autograd.grad(out.losses.sum(), (lp.chosen, lp.rejected))
+    torch.testing.assert_close(out.dloss_dchosen, dc, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(out.dloss_drejected, dr, rtol=1e-12, atol=1e-300)
+    for i, (rc, rr) in enumerate(REWARDS):
+        want = _hand_bradley_terry(rc, rr, alpha)
+        assert out.losses[i].item() == pytest.approx(want["loss"], rel=1e-12), i
+        assert out.dloss_dchosen[i].item() == pytest.approx(want["dc"], rel=1e-12, abs=1e-300), i
+        for name in ("accuracy", "margin", "mean_reward"):
+            assert out.metrics[name][i].item() == pytest.approx(want[name], rel=1e-12, abs=1e-12), (name, i)
+        # the DPO names carry the same numbers, so one plot holds both methods' curves
+        assert out.metrics["rewards/accuracies"][i].item() == want["accuracy"]
+        assert out.metrics["rewards/margins"][i].item() == pytest.approx(want["margin"], rel=1e-12, abs=1e-12)
+        assert out.metrics["grads/chosen_rewards"][i].item() == pytest.approx(abs(want["dc"]), rel=1e-12, abs=1e-300)
+    assert "logps/chosen" not in out.metrics  # rewards are not log-probs
+
+
+def test_bradley_terry_is_dpo_on_the_reward_margin():
+    """DPO's loss with β = 1 and a zero reference is Bradley–Terry on c, r (seed 003 eq. 2 vs 3)."""
+    lp = _rewards()
+    zero = torch.zeros(len(REWARDS), dtype=torch.float64)
+    as_dpo = dpo(PairLogps(lp.chosen, lp.rejected, lp.chosen_tokens, lp.rejected_tokens, zero, zero), beta=1.0)
+    out = objective_for(RewardModelMethod())(lp)
+    torch.testing.assert_close(out.losses, as_dpo.losses, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.dloss_drejected, as_dpo.dloss_drejected, rtol=1e-12, atol=0)
+    centred = objective_for(RewardModelMethod(center_rewards_coefficient=0.1))(lp)
+    assert (centred.losses > out.losses).any()
 
 
 # ── against TRL 1.16 ─────────────────────────────────────────────────────────────────────────

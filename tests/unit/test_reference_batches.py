@@ -55,3 +55,16 @@ def test_plan_batches_runs_only_batches_with_pairs_not_yet_seen():
 def test_plan_batches_names_pairs_the_batches_never_run():
     with pytest.raises(ValueError, match=r"pair\(s\) \[2\]"):
         plan_batches([[0, 1]], 3, 4)
+
+
+def test_held_out_pairs_are_the_files_tail_and_never_in_the_reference_batches():
+    from pipeline.errors import UserError
+    from stages.train import trained_pairs
+
+    tc = TrainConfig(batch_size=4, num_workers=2, held_out_pairs=3)
+    assert trained_pairs(11, tc) == 8
+    batches = reference_batches_for(11, tc)
+    assert {i for b in batches for i in b} == set(range(8))  # pairs 8, 9, 10 are held out
+    assert batches == reference_batches_for(8, TrainConfig(batch_size=4, num_workers=2))
+    with pytest.raises(UserError, match="train.held_out_pairs=3: scenario 1 has only 3 pairs"):
+        trained_pairs(3, tc)

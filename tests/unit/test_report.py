@@ -332,3 +332,38 @@ def test_diagnostics_plot_and_the_guard_mark(tmp_path):
 def test_no_diagnostics_plot_without_diagnostic_metrics(run_dir):
     report = _report(run_dir)  # _steps writes TRL's metrics only
     assert not (run_dir / "report/diagnostics.png").exists() and "diagnostics.png" not in report
+
+
+RM_CFG = RunConfig(name="t", train={"held_out_pairs": 4},
+                   variants={"dpo": {"scenario": 1}, "rm": {"scenario": 1, "method": {"type": "reward_model"}}})  # fmt: skip
+
+
+def test_held_out_accuracy_puts_the_reward_model_beside_dpo_and_keeps_it_out_of_the_answer_tables(tmp_path):
+    run = tmp_path / "run"
+    dpo_curve, rm_curve = [0.5, 1.0, 0.25, 0.75], [0.5, 0.75, 0.75, 1.0]
+    for name, curve in (("dpo", dpo_curve), ("rm", rm_curve)):
+        _write(run / f"round-0/train/{name}/metrics.jsonl",
+               [{"step": s + 1, "loss": 0.6, "eval_loss": 0.7 - 0.1 * s, "eval_rewards/accuracies": a} for s, a in enumerate(curve)])
+    evaluate = run / "round-0/evaluate"
+    _write(evaluate / "policy/summary.json", _held_out(0.25, 0.5, 3.0, 90.0))
+    _write(evaluate / "dpo/summary.json", _variant(0.375, 0.625, 3.4, 80.0, "dpo", 1, (-0.5, -0.75), (-0.45, -1.25)))
+    _write(evaluate / "rm/summary.json", {"model": "round-0/rm", "variant": "rm", "scenario": 1, "method": "reward_model",
+                                          "pairs": 12, "preference": {"pairs": 4, "held_out": True, "accuracy": 0.75}})
+    report = _report(run, RM_CFG)
+    table = _section(report, "Held-out preference accuracy (seed 003 §5.3)").strip().splitlines()
+    assert table[-6:-2] == [
+        "| variant | method | held-out pairs | accuracy first → last | best | swing | as a judge |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        "| r0/dpo | dpo | 4 | 0.50 → 0.75 | 1.00 | 0.583 | - |",  # swing (0.5 + 0.75 + 0.5) / 3
+        "| r0/rm | reward_model | 4 | 0.50 → 1.00 | 1.00 | 0.167 | 0.75 |",
+    ]
+    assert table[-1] == "![held-out preference accuracy](held_out_accuracy.png)"
+    assert (run / "report/held_out_accuracy.png").stat().st_size > 1000
+    # a reward model writes no answers: not in Table 2, nor in the on-policy tables
+    assert "round-0/rm" not in _section(report, "Held-out evaluation (greedy, judged 1-5)")
+    assert "(rm)" not in _section(report, "How on-policy is the data?")
+
+
+def test_no_held_out_section_without_held_out_metrics(run_dir):
+    report = _report(run_dir)
+    assert "Held-out preference accuracy" not in report and not (run_dir / "report/held_out_accuracy.png").exists()
