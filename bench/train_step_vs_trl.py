@@ -71,6 +71,7 @@ with the ratios ours/TRL, and a readable summary on stderr. bench/RESULTS.md rec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -341,14 +342,18 @@ def run_ours(args, model_path: str, rows: list[dict]) -> dict:
         peaks = GpuPeaks(device)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model = load_policy(model_path, cfg.dtype, device)
+        # --ours-precision autocast: TRL's policy on our blocks (fp32 FSDP2 weights, matmuls in bf16 under autocast)
+        autocast = args.ours_precision == "autocast" and cfg.dtype == "bfloat16"
+        model = load_policy(model_path, "float32" if autocast else cfg.dtype, device)
+        precision = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
         params = _params(model)
         pairs = [tokenize_pair(tokenizer, row, cfg.max_length) for row in rows]
         objective = objective_for(cfg.method)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         share = cfg.batch_size  # one worker: the whole global batch
         t0 = time.perf_counter()
-        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device, epoch_order(len(pairs), cfg.seed, 0))
+        with precision():
+            ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, share, device, epoch_order(len(pairs), cfg.seed, 0))
         _sync(device)
         ref_seconds = time.perf_counter() - t0
         schedule = batch_schedule(len(pairs), cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_steps)
@@ -364,7 +369,8 @@ def run_ours(args, model_path: str, rows: list[dict]) -> dict:
             batch = cpu_batch.to(device)
             _sync(device)
             start = time.perf_counter()
-            loss, outputs = step_loss(model, batch, ref_chosen[mine], ref_rejected[mine], objective)
+            with precision():
+                loss, outputs = step_loss(model, batch, ref_chosen[mine], ref_rejected[mine], objective)
             loss.backward()
             _clip(model, cfg.grad_clip)
             optimizer.step()
@@ -376,6 +382,7 @@ def run_ours(args, model_path: str, rows: list[dict]) -> dict:
             losses.append(metrics["loss"])
         return _summary("ours", step_tokens, step_seconds, losses, args, hwm_reset, params,
                         {"ref_pass_s": round(ref_seconds, 2), "threads": torch.get_num_threads(),
+                         "precision": "autocast" if autocast else f"fsdp2 {cfg.dtype}",
                          "dist_backend": backend, **peaks.report()})  # fmt: skip
     finally:
         dist.destroy_process_group()
@@ -463,14 +470,36 @@ def run_trl(args, model_path: str, rows: list[dict]) -> dict:
     return _summary("trl", [int(t) for t in step_tokens], step_seconds, [float(x) for x in losses], args,
                     state["hwm_reset"], params,
                     {"init_incl_ref_pass_s": round(init_seconds, 2), "threads": torch.get_num_threads(),
-                     "autocast_bf16": bool(config.bf16), "model_device": str(next(model.parameters()).device),
+                     "autocast_bf16": bool(config.bf16), "precision": "autocast" if config.bf16 else "float32", "model_device": str(next(model.parameters()).device),
                      **peaks.report()})  # fmt: skip
 
 
 # ── driver ──────────────────────────────────────────────────────────────────────────────────
+def matmul_peak(args) -> dict:
+    """The CPU's achievable dense-matmul rate in the run's compute dtype on the run's threads: the
+    best of 5 [4096 × 4096] @ [4096 × 4096] products (2·4096³ FLOPs each). On a CPU there is no
+    datasheet peak the way an H100 has one; MFU against this is "the share of what a plain matmul
+    gets here"."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    a, b = torch.randn(4096, 4096).to(dtype), torch.randn(4096, 4096).to(dtype)
+    a @ b  # warm-up (oneDNN picks its kernel)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return {"side": "peak", "dtype": args.dtype, "threads": args.threads, "tflops": round(2 * 4096**3 / best / 1e12, 3)}
+
+
 def child(args) -> None:
     if args.side == "build":
         print(MARK + json.dumps(build_shape(args, args.model_dir)), flush=True)
+        return
+    if args.side == "peak":
+        print(MARK + json.dumps(matmul_peak(args)), flush=True)
         return
     if args.model_dir:
         model_path = args.model_dir
@@ -527,22 +556,25 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="compute dtype on both sides (fp32 weights either way)")  # fmt: skip
+    parser.add_argument("--ours-precision", choices=["fsdp", "autocast"], default="fsdp",
+                        help="bf16 on our side: fsdp = the trainer's own (FSDP2 casts the parameters to bf16, the whole "
+                        "forward in bf16); autocast = TRL's policy (fp32 weights, matmuls in bf16 under torch.autocast)")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's peak FLOP/s in TFLOP/s for MFU (default: 989, H100 SXM dense bf16, on cuda; "
-                        "0 on cpu: no MFU)")  # fmt: skip
+                        "on cpu measured: a 4096² matmul in --dtype on --threads, `matmul_peak`)")  # fmt: skip
     parser.add_argument("--dist-backend", help="our process group's backend (default: nccl on cuda, gloo on cpu)")
     parser.add_argument("--loss-warn-only", action="store_true",
                         help="a first-step loss off ln 2 warns (first_step_loss_ok: false) instead of failing")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--side", choices=["ours", "trl", "build"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ours", "trl", "build", "peak"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # the built --shape model, handed to the sides
     args = parser.parse_args()
     if args.pairs // args.batch_size <= args.warmup_steps:
         parser.error("need more steps (pairs // batch-size) than --warmup-steps")
     if args.max_length is None:
         args.max_length = args.seq_len or 384
-    if args.peak_tflops is None:
-        args.peak_tflops = 989.0 if args.device == "cuda" else 0.0
+    if args.peak_tflops is None and args.device == "cuda":
+        args.peak_tflops = 989.0
 
     if args.side:
         child(args)
@@ -559,6 +591,12 @@ def main() -> int:
             print(f"built {args.shape}: {build['params']:,} parameters in {build['seconds']} s", file=sys.stderr, flush=True)
             extra = ["--model-dir", model_dir]
         results = {}
+        if args.peak_tflops is None:  # cpu: measured in a child of its own, before the sides
+            peak = _run_side("peak", env, [])
+            if peak is None:
+                return 1
+            args.peak_tflops = peak["tflops"]
+            print(f"cpu matmul peak ({args.dtype}, {args.threads} threads): {peak['tflops']} TFLOP/s", file=sys.stderr, flush=True)
         for side in ("ours", "trl"):
             results[side] = _run_side(side, env, extra)
             if results[side] is None:
@@ -566,7 +604,9 @@ def main() -> int:
             print(json.dumps(results[side]), flush=True)
 
     ours, trl = results["ours"], results["trl"]
-    keep = ["tokens_per_s", "s_per_step", "tokens_measured", "peak_rss_gib", "train_peak_rss_gib", "first_step_loss"]
+    for side in (ours, trl):  # the sides ran without the measured cpu peak
+        side["mfu"] = round(side["model_tflops_per_s"] / args.peak_tflops, 4)
+    keep = ["precision"] + ["tokens_per_s", "s_per_step", "tokens_measured", "peak_rss_gib", "train_peak_rss_gib", "first_step_loss"]
     keep += ["first_step_loss_ok", "model_tflops_per_s", "mfu"]
     gpu_keys = ["peak_gpu_gib", "peak_gpu_reserved_gib", "train_peak_gpu_gib", "train_peak_gpu_reserved_gib"]
     if args.device == "cuda":
@@ -575,7 +615,7 @@ def main() -> int:
         "pairs": args.pairs, "batch_size": args.batch_size, "steps_measured": ours["steps_measured"],
         "warmup_steps": args.warmup_steps, "threads": args.threads, "dtype": args.dtype, "max_length": args.max_length,
         "device": args.device, "shape": args.shape, "seq_len": args.seq_len, "params": ours["params"],
-        "peak_tflops": args.peak_tflops or None, **({"gpu": ours.get("gpu")} if args.device == "cuda" else {}),
+        "peak_tflops": args.peak_tflops, "ours_precision": args.ours_precision, **({"gpu": ours.get("gpu")} if args.device == "cuda" else {}),
         "ours": {k: ours[k] for k in keep if k in ours},
         "trl": {k: trl[k] for k in keep if k in trl},
         "ratio_tokens_per_s": round(ours["tokens_per_s"] / trl["tokens_per_s"], 3),
