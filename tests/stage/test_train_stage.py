@@ -210,10 +210,11 @@ def test_simpo_skips_the_reference_and_logs_the_3d_diagnostics(tiny_llama, ray_l
     of 1 (accumulation 2 per worker) on the way."""
     from tests.helpers.tensorboard_reader import scalars
 
-    train = {"batch_size": 4, "num_workers": 2, "micro_batch_size": 1, "lr": 1e-3, "epochs": 2,
-             "method": {"type": "simpo", "beta": 2.0, "gamma": 0.5}, "diagnostics_every": 2, "lr_schedule": "cosine"}  # fmt: skip
-    stats, out = _train(tiny_llama, tmp_path, train)
-    assert stats["steps"] == 4
+    train = {"batch_size": 4, "num_workers": 2, "micro_batch_size": 1, "lr": 1e-3, "epochs": 2, "held_out_pairs": 2,
+             "eval_every": 2, "method": {"type": "simpo", "beta": 2.0, "gamma": 0.5}, "diagnostics_every": 2,
+             "lr_schedule": "cosine"}  # fmt: skip
+    stats, out = _train(tiny_llama, tmp_path, train, n_pairs=10)
+    assert stats["steps"] == 4  # 8 trained pairs, 2 held out
     assert not (out / "reference_logps.parquet").exists()
     lines = _lines(out)
     for record in lines:
@@ -223,6 +224,9 @@ def test_simpo_skips_the_reference_and_logs_the_3d_diagnostics(tiny_llama, ray_l
         assert record["grads/chosen_logps"] > 0 and record["grads/rejected_logps"] > 0
     # Step 1 of SimPO is not ln 2 (no reference): loss = mean −log σ(β(c̄ − r̄) − γ), with c̄, r̄ logged
     assert [("grad_norm/chosen" in r) for r in lines] == [True, False, True, True]
+    # the held-out pairs every `eval_every` steps: SimPO's implicit-reward accuracy, as a reward model logs its own
+    assert [("eval_rewards/accuracies" in r) for r in lines] == [False, True, False, True]
+    assert all(0.0 <= r["eval_rewards/accuracies"] <= 1.0 and r["eval_loss"] > 0 for r in (lines[1], lines[3]))
     for r in (lines[0], lines[2], lines[3]):
         assert r["grad_norm/chosen"] > 0 and r["grad_norm/rejected"] > 0
         # the two terms' gradients add up to the step's: the triangle inequality bounds the total
@@ -235,14 +239,13 @@ def test_simpo_skips_the_reference_and_logs_the_3d_diagnostics(tiny_llama, ray_l
     assert [s for s, _ in logged["train/grad_norm/chosen"]] == [1, 3, 4]
 
 
-def test_a_reward_model_and_dpo_on_the_same_pairs_log_held_out_accuracy_and_the_rm_is_a_judge(tiny_llama, ray_local,
-                                                                                                tmp_path):
-    """seed 003 §5.3 on the tiny Llama: `method: {type: reward_model}` and DPO train on the same 8
-    pairs, the last 4 of 12 held out. Both log held-out preference accuracy every step under one
-    name (`eval_rewards/accuracies`); the reward model's checkpoint is a one-output
-    sequence-classification model the reward-model judge loads, and the judge's rewards of the
-    held-out pairs are the ones training measured (train and judge read a pair alike); evaluate
-    reports the judge's accuracy."""
+def test_a_reward_model_logs_held_out_accuracy_and_its_checkpoint_is_a_judge(tiny_llama, ray_local, tmp_path):
+    """seed 003 §5.3 on the tiny Llama: `method: {type: reward_model}` trains on 8 pairs, the last 4
+    of 12 held out, and logs held-out preference accuracy every step under the name every method
+    uses (`eval_rewards/accuracies`; a policy's: the SimPO test below); the checkpoint is a
+    one-output sequence-classification model the reward-model judge loads, and the judge's rewards
+    of the held-out pairs are the ones training measured (train and judge read a pair alike);
+    evaluate reports the judge's accuracy."""
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.config import RewardModelJudge
@@ -252,15 +255,11 @@ def test_a_reward_model_and_dpo_on_the_same_pairs_log_held_out_accuracy_and_the_
 
     common = {"batch_size": 4, "num_workers": 2, "lr": 1e-3, "epochs": 2, "held_out_pairs": 4, "diagnostics_every": None}
     rm_stats, rm = _train(tiny_llama, tmp_path / "rm", common | {"method": {"type": "reward_model"}}, n_pairs=12)
-    dpo_stats, dpo = _train(tiny_llama, tmp_path / "dpo", common | {"method": {"type": "dpo"}}, n_pairs=12)
-    assert rm_stats["steps"] == dpo_stats["steps"] == 4  # 8 trained pairs / 4 × 2 epochs: the 4 held out are not
+    assert rm_stats["steps"] == 4 and rm_stats["held_out_pairs"] == 4  # 8 trained pairs / 4 × 2 epochs
     assert not (rm / "reference_logps.parquet").exists()
-    assert len(pd.read_parquet(dpo / "reference_logps.parquet")) == 8
-    for out in (rm, dpo):
-        lines = _lines(out)
-        assert [r["step"] for r in lines] == [1, 2, 3, 4]
-        assert all(0.0 <= r["eval_rewards/accuracies"] <= 1.0 and math.isfinite(r["eval_loss"]) for r in lines)
     rm_lines = _lines(rm)
+    assert [r["step"] for r in rm_lines] == [1, 2, 3, 4]
+    assert all(0.0 <= r["eval_rewards/accuracies"] <= 1.0 and math.isfinite(r["eval_loss"]) for r in rm_lines)
     assert all(r["eval_accuracy"] == r["eval_rewards/accuracies"] for r in rm_lines)  # TRL's RM name, same number
     assert rm_lines[-1]["loss"] < rm_lines[0]["loss"]
     assert "logps/chosen" not in rm_lines[0] and "accuracy" in rm_lines[0] and "margin" in rm_lines[0]
