@@ -14,6 +14,10 @@ One run, two sides, each in its own subprocess (so each side's RSS high-water ma
   (TRL's default is on, ours has none), `optim="adamw_torch"` (plain `torch.optim.AdamW`, as ours),
   reporting/logging/saving off.
 
+`--ours-precision autocast` puts our side in TRL's precision policy (fp32 FSDP2 weights, the
+forward and the reference pass under `torch.autocast(device, bf16)`), for a ratio with both sides
+computing the same thing; the default is the trainer's own policy (`stages/train/precision.py`).
+
 Both get the same rows (built deterministically from `math_problems`, no sampling), beta 0.1,
 sigmoid loss, lr 5e-6, weight decay 0, grad clip 1.0, constant lr, global batch `--batch-size`
 pairs without accumulation, max_length 384 (`--seq-len` when given), the same threads, and the
@@ -62,7 +66,7 @@ On a GPU (bench/gpu_check.sh runs this on a lent machine, wheels and tokenizer c
   matmuls (per token 12 · layers · hidden · s over forward+backward, +4.5% at s = 512 on the 0.5B
   shape), the reference pass (not timed) and padding (computed, not counted).
   `model_tflops_per_s` = 6 · N · tokens / seconds; `mfu` = that / `--peak-tflops` (default 989,
-  H100 SXM dense bf16, on cuda; 0 on cpu, which leaves mfu out).
+  H100 SXM dense bf16, on cuda; on cpu measured in the same run by `matmul_peak`).
 
 Prints one JSON line per side (the children) and one combined JSON line (last line of stdout)
 with the ratios ours/TRL, and a readable summary on stderr. bench/RESULTS.md records it.
