@@ -500,7 +500,7 @@ def test_reward_model_step_matches_reward_trainer(reward_init, tmp_path, alpha):
     assert batch.input_ids.shape[1] == width and torch.equal(batch.input_ids, trl_step["input_ids"])
     assert _max_diff(out.metrics["rewards/chosen"], trl_step["chosen"]) < TOL
     assert _max_diff(out.metrics["rewards/rejected"], trl_step["rejected"]) < TOL
-    assert abs(float(loss) - trl_step["loss"]) < TOL
+    assert abs(float(loss.detach()) - trl_step["loss"]) < TOL
     assert float(out.metrics["accuracy"].mean()) == pytest.approx(trl_step["metrics"]["accuracy"], abs=1e-6)
     assert float(out.metrics["margin"].mean()) == pytest.approx(trl_step["metrics"]["margin"], abs=TOL)
     assert _max_diff(trl_step["chosen"], trl_step["rejected"]) > 1e-3  # the head tells pairs apart: not ln 2 by luck
