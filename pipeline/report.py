@@ -397,7 +397,7 @@ def held_out_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
                      _num(max(curve), ".2f"), _num(_swing(curve), ".3f"), _num(judged, ".2f")])  # fmt: skip
     if not rows:
         return []
-    curves = (("eval_rewards/accuracies",), ("eval_loss",))
+    curves = (("eval_rewards/accuracies",),)  # one panel: the methods' losses are on different scales (IPO's ~25)
     return ["## Held-out preference accuracy (seed 003 §5.3)", "",
             "Share of held-out pairs each model orders right after every step: a reward model by its reward "
             "r(x,y+) > r(x,y−), a policy by its implicit reward (DPO: β·h > 0). The paper finds the reward model's "
