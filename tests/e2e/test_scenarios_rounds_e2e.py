@@ -3,8 +3,9 @@
 1. `configs/tiny_scenarios.yaml`: policy, dataset and stand-in other model are sampled and judged
    once; four pair sets → four trainings → four evaluations (+ the policy's own) → the report's
    Table 1 and Table 2 sections; the stand-in's samples are measurably off-policy.
-2. The same config with scenario 1 only and `rounds: 2`: round 1 samples from round 0's
-   checkpoint, and a rerun after a kill in round 1 resumes there.
+2. The same config with scenario 1 only and `rounds: 2`, from a copy of the first run's round-0
+   samples (reused, not re-sampled): round 1 samples from round 0's checkpoint, and a rerun after a
+   kill in round 1 resumes there.
 """
 
 from __future__ import annotations
@@ -27,9 +28,20 @@ def _pipeline(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_four_scenarios_four_trainings_on_the_same_judged_data(tmp_path):
-    run_dir = tmp_path / "run"
-    result = _pipeline("run", str(CONFIG), "--run-dir", str(run_dir))
+SOURCES = {1: ("policy", "policy"), 2: ("reference", "policy"), 3: ("policy", "other"), 4: ("reference", "other")}
+# the four scenarios' variants, and another method beside s1: SimPO, reference-free
+VARIANTS = "variants={" + ", ".join(f"s{k}: {{scenario: {k}}}" for k in SOURCES) + ", s1-simpo: {scenario: 1, method: {type: simpo}}}"
+
+
+@pytest.fixture(scope="module")
+def four_scenarios(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The four-scenario run (and SimPO beside s1), made once: the rounds test starts from its round 0."""
+    run_dir = tmp_path_factory.mktemp("scenarios") / "run"
+    return run_dir, _pipeline("run", str(CONFIG), VARIANTS, "--run-dir", str(run_dir))
+
+
+def test_four_scenarios_four_trainings_on_the_same_judged_data(four_scenarios):
+    run_dir, result = four_scenarios
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Traceback" not in result.stderr
     round0 = run_dir / "round-0"
@@ -41,7 +53,7 @@ def test_four_scenarios_four_trainings_on_the_same_judged_data(tmp_path):
     assert set(candidates["reference"].model) == {"dataset"} and set(candidates["reference"].sampler) == {"reference"}
     assert (candidates["reference"].score == 5).all()  # the built-in solutions are right
 
-    sources = {1: ("policy", "policy"), 2: ("reference", "policy"), 3: ("policy", "other"), 4: ("reference", "other")}
+    sources = SOURCES
     stats = json.loads((round0 / "pairs" / "_manifest.json").read_text())["stats"]
     for k, (chosen, rejected) in sources.items():
         pairs = pq.read_table(round0 / "pairs" / f"s{k}" / "pairs.parquet").to_pandas()
@@ -71,14 +83,8 @@ def test_four_scenarios_four_trainings_on_the_same_judged_data(tmp_path):
     for k in sources:
         assert f"round-0/s{k}" in report
 
-    # another method as a new variant trains on the same judged data: nothing is sampled, judged or
-    # trained again; SimPO is reference-free (no reference pass) and the report compares the methods
-    variants = "variants={" + ", ".join(f"s{k}: {{scenario: {k}}}" for k in sources) + ", s1-simpo: {scenario: 1, method: {type: simpo}}}"
-    again = _pipeline("run", str(CONFIG), variants, "--run-dir", str(run_dir))
-    assert again.returncode == 0, again.stderr[-4000:]
-    for node in ("sample/policy", "sample/other", "judge/reference", "pairs", "train/s1", "train/s4", "evaluate/policy"):
-        assert f"round 0 {node}: up to date" in again.stderr, node
-    assert "round 0 train/s1-simpo: running" in again.stderr and "round 0 evaluate/s1-simpo: running" in again.stderr
+    # another method on the same judged data: SimPO is reference-free (no reference pass) and the
+    # report compares the methods
     assert json.loads((round0 / "evaluate" / "s1-simpo" / "summary.json").read_text())["method"] == "simpo"
     assert not (round0 / "train" / "s1-simpo" / "reference_logps.parquet").exists()
     assert (round0 / "train" / "s1" / "reference_logps.parquet").exists()
@@ -121,13 +127,23 @@ def _mean_token_logp(model, frame: pd.DataFrame) -> float:
     return sum(values) / len(values)
 
 
-def test_two_rounds_sample_from_the_newest_checkpoint_and_resume(tmp_path):
+def test_two_rounds_sample_from_the_newest_checkpoint_and_resume(four_scenarios, tmp_path):
+    """Scenario 1 only, two rounds, from a copy of the four-scenario run's round-0 policy samples,
+    judgements and evaluation: another config whose keys match finds them finished and reuses
+    them (a new variant or round trains without re-sampling); round 0's training differs (lr) and
+    reruns. Killed in round 1's training, run again, it resumes there."""
+    import shutil
+
     run_dir = tmp_path / "run"
+    for part in ("sample/policy", "judge/policy", "evaluate/policy"):
+        shutil.copytree(four_scenarios[0] / "round-0" / part, run_dir / "round-0" / part)
+    reused = (run_dir / "round-0" / "sample" / "policy" / "_manifest.json").read_text()
     args = ["run", str(CONFIG), "pairs.scenarios=[1]", "other_sampler=null", "rounds=2", "train.lr=1e-4",
             "--run-dir", str(run_dir)]  # fmt: skip
     round1 = run_dir / "round-1"
     _kill_when([sys.executable, "-m", "pipeline", *args], lambda: any((round1 / "train").glob(".s1.partial-*")))
     assert (run_dir / "round-0" / "evaluate" / "s1" / "_manifest.json").is_file()
+    assert (run_dir / "round-0" / "sample" / "policy" / "_manifest.json").read_text() == reused, "round 0 was re-sampled"
     result = _pipeline(*args)
     assert result.returncode == 0, result.stderr[-4000:]
     for node in ("sample/policy", "judge/policy", "pairs", "train/s1", "evaluate/policy", "evaluate/s1"):
