@@ -406,6 +406,11 @@ class TrainConfig(Block):
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
 
+    @property
+    def trains_reward_model(self) -> bool:
+        """A reward model, not a policy: it answers no prompts and is never sampled from."""
+        return self.method.type == "reward_model"
+
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> "TrainConfig":
         if self.batch_size % self.num_workers:
@@ -493,7 +498,7 @@ class RunConfig(Block):
         frm = self.next_round.sample_from
         if frm is not None and frm not in trains:
             raise ValueError(f"next_round.sample_from: no variant {frm!r}; variants: {', '.join(trains)}")
-        policies = [n for n, tc in trains.items() if tc.method.type != "reward_model"]
+        policies = list(self.policy_trains())
         if frm is not None and frm not in policies:
             raise ValueError(f"next_round.sample_from: {frm} trains a reward model, which cannot generate; "
                              f"name a policy variant ({', '.join(policies) or 'none in this config'})")
@@ -546,12 +551,15 @@ class RunConfig(Block):
             raise ValueError("variants: give at least one, or leave the key out (one per scenario)")
         return out
 
+    def policy_trains(self) -> dict[str, TrainConfig]:
+        """The variants that train a policy (they answer prompts), in config order."""
+        return {name: tc for name, tc in self.trains().items() if not tc.trains_reward_model}
+
     def sample_from(self) -> str:
         """The variant whose checkpoint the next round samples from."""
-        trains = self.trains()
         if self.next_round.sample_from:
             return self.next_round.sample_from
-        policies = {n: tc for n, tc in trains.items() if tc.method.type != "reward_model"} or trains
+        policies = self.policy_trains() or self.trains()
         return next((n for n, tc in policies.items() if tc.scenario == 1), next(iter(policies)))
 
     def for_source(self, source: str) -> "RunConfig":

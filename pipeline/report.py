@@ -183,11 +183,6 @@ def _delta(summary: dict | None, base: dict | None) -> float | None:
     return summary["4&5_points"] - base["4&5_points"]
 
 
-def policy_trains(cfg: RunConfig) -> dict[str, Any]:
-    """The variants that train a policy (they answer prompts); a reward model is reported apart."""
-    return {name: tc for name, tc in cfg.trains().items() if tc.method.type != "reward_model"}
-
-
 def eval_rows(cfg: RunConfig, data: RunData) -> list[dict[str, Any]]:
     """Table 2's rows: each round's policy, then its policy variants' checkpoints in config order,
     with their summary (None where not evaluated) and Δ 4&5 points against the round's policy."""
@@ -196,7 +191,7 @@ def eval_rows(cfg: RunConfig, data: RunData) -> list[dict[str, Any]]:
         base = data.evals.get((r, POLICY))
         rows.append({"round": r, "part": POLICY, "model": policy_label(cfg, r), "scenario": None, "method": None,
                      "summary": base, "delta": None})  # fmt: skip
-        for name, tc in policy_trains(cfg).items():
+        for name, tc in cfg.policy_trains().items():
             summary = data.evals.get((r, name))
             rows.append({"round": r, "part": name, "model": f"round-{r}/{name}", "scenario": tc.scenario,
                          "method": tc.method.type, "summary": summary, "delta": _delta(summary, base)})  # fmt: skip
@@ -217,7 +212,7 @@ def eval_table(rows: list[dict[str, Any]]) -> list[str]:
 def methods_section(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
     """The paper's Table 10 (method × 5 points × 4&5 points, base model first), one per round,
     when the run's variants train more than one method."""
-    trains = policy_trains(cfg)
+    trains = cfg.policy_trains()
     if len({tc.method.type for tc in trains.values()}) < 2:
         return []
     parts = ["## Methods (Table 10)", "",
@@ -276,7 +271,7 @@ def logp_table(cfg: RunConfig, data: RunData, round_: int, per_token: bool) -> l
 
     scenarios = cfg.pairs.scenarios
     body = [["round's policy (before training)", *(cell(_before(cfg, data, round_, k)) for k in scenarios)]]
-    for name, tc in policy_trains(cfg).items():
+    for name, tc in cfg.policy_trains().items():
         after = (data.evals.get((round_, name)) or {}).get("after")
         body.append([f"after training ({name})", *(cell(after) if k == tc.scenario else "" for k in scenarios)])
     return markdown_table(["model", *(scenario_name(k) for k in scenarios)], body, "l" + "r" * len(scenarios))
@@ -386,12 +381,13 @@ def held_out_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
     """seed 003 §5.3: preference accuracy on held-out pairs per step, a reward model's beside the
     policies' (implicit-reward) accuracy, when any variant holds pairs out (`train.held_out_pairs`)."""
     key = "eval_rewards/accuracies"
+    trains = cfg.trains()
     rows = []
     for (r, variant), m in data.metrics.items():
         curve = [x[key] for x in m if x.get(key) is not None]
         if not curve:
             continue
-        tc = cfg.trains()[variant]
+        tc = trains[variant]
         judged = ((data.evals.get((r, variant)) or {}).get("preference") or {}).get("accuracy")
         rows.append([f"r{r}/{variant}", tc.method.type, str(tc.held_out_pairs), f"{curve[0]:.2f} → {curve[-1]:.2f}",
                      _num(max(curve), ".2f"), _num(_swing(curve), ".3f"), _num(judged, ".2f")])  # fmt: skip

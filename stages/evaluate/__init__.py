@@ -102,7 +102,7 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     pairs_file = Path(inputs["pairs"]) / f"s{cfg.train.scenario}" / "pairs.parquet"
     num_pairs = pq.read_metadata(pairs_file).num_rows
     trained = trained_pairs(num_pairs, cfg.train)
-    if cfg.train.method.type == "reward_model":
+    if cfg.train.trains_reward_model:
         return reward_model_run(cfg, checkpoint, name, pairs_file, trained, out)
     # Training's precision policy, in the reference pass's batches and on a training worker's
     # threads: "before" is, bit for bit, the train stage's reference_logps.parquet when the

@@ -95,7 +95,7 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     if not tokenized.exists():  # a resumed stage has it
         tokenizer = AutoTokenizer.from_pretrained(inputs["policy"])
         write_tokenized(tokenized, tokenizer, pq.read_table(pairs_file).to_pylist(), tc.max_length,
-                        reward_model=tc.method.type == "reward_model")  # fmt: skip
+                        reward_model=tc.trains_reward_model)  # fmt: skip
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

@@ -300,7 +300,7 @@ def train_loop(config: dict[str, Any]) -> None:
     pairs, held = tokenized[:trained], tokenized[trained:]
     prompt_ids = pq.read_table(config["tokenized"], columns=["prompt_id"]).column("prompt_id").to_pylist()[:trained]
     objective = objective_for(cfg.method)
-    reward_model = cfg.method.type == "reward_model"
+    reward_model = cfg.trains_reward_model
     batch_size = config["batch_size"]  # the driver shrinks it when there are fewer pairs
     share = batch_size // world
     micro = micro_batch_for(share, cfg.micro_batch_size)
