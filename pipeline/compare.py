@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any, Sequence, get_args
 
 import pandas as pd
+import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
-from pipeline.artifacts import atomic_dir, read_manifest, stage_dir
+from pipeline.artifacts import atomic_dir, filesystem, join, location, read_manifest, stage_dir, staged, write_table, write_text
 from pipeline.config import JudgeConfig, RunConfig, format_validation_error
 from pipeline.errors import UserError
 from stages.judge.agreement import agreement
@@ -91,7 +92,7 @@ def judge_names(paths: Sequence[str | Path]) -> tuple[str, str]:
 
 # ── the candidates ───────────────────────────────────────────────────────────────────────────
 def finished_sample(run_dir: Path, round_: int, config_path: str) -> Path:
-    folder = stage_dir(run_dir, round_, "sample") / "policy"  # the policy's candidates
+    folder = join(stage_dir(run_dir, round_, "sample"), "policy")  # the policy's candidates
     if read_manifest(folder) is None:
         refresh = f"python -m pipeline stage sample {config_path} --part policy" + (f" --round {round_}" if round_ else "")
         raise UserError(f"compare-judges scores the candidates in {folder}, which is not finished: run `{refresh}` first "
@@ -101,7 +102,8 @@ def finished_sample(run_dir: Path, round_: int, config_path: str) -> Path:
 
 def first_prompts(folder: Path, limit: int) -> list[str]:
     """The first `limit` prompt ids in the folder's row order (files by name, rows in order)."""
-    ids = pd.read_parquet(folder, columns=["prompt_id"])["prompt_id"]
+    fs, path = filesystem(folder)
+    ids = pq.ParquetDataset(path, filesystem=fs).read(columns=["prompt_id"]).to_pandas()["prompt_id"]
     return list(dict.fromkeys(ids.astype(str)))[:limit]
 
 
@@ -191,7 +193,7 @@ def compare_judges(
 
     setup = {"judges": {name: j.model_dump(mode="json") for name, j in zip(names, judges)}, "round": round_,
              "limit": limit, "sample": str(folder), "sample_key": read_manifest(folder).get("key")}  # fmt: skip
-    out = run_dir / COMPARE_DIR / f"{names[0]}-vs-{names[1]}"
+    out = join(location(run_dir), COMPARE_DIR, f"{names[0]}-vs-{names[1]}")
     write_comparison(out, table, result, names, setup)
     return Comparison(out=out, names=names, round=round_, prompts=int(table["prompt_id"].nunique()), agreement=result)
 
@@ -203,10 +205,11 @@ def write_comparison(out: Path, table: pd.DataFrame, result: dict[str, Any], nam
     key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
     stats = {"rows": len(table), "prompts": int(table["prompt_id"].nunique())}
     with atomic_dir(out, {"stage": COMPARE_DIR, "key": key, **setup, "stats": stats}) as tmp:
-        table.to_parquet(tmp / "scores.parquet", index=False)
+        write_table(table, join(tmp, "scores.parquet"))
         summary = {"a": names[0], "b": names[1], **setup, "prompts": stats["prompts"], **result}
-        (tmp / "agreement.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        plot_confusion(result["confusion"], result["labels"], names, tmp / "confusion.png")
+        write_text(join(tmp, "agreement.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        with staged(tmp) as local:
+            plot_confusion(result["confusion"], result["labels"], names, local / "confusion.png")
 
 
 # ── the terminal ─────────────────────────────────────────────────────────────────────────────

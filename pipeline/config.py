@@ -373,6 +373,14 @@ class TrainConfig(Block):
     scenario: Literal[1, 2, 3, 4] = Field(1, description="whose pairs (pairs/s<scenario>) this training reads")
     num_workers: int = Field(2, ge=1, description="Ray Train workers; FSDP2 shards across them")
     use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = Operational(
+        None, description="Ray resources each train worker holds (ScalingConfig.resources_per_worker), e.g. "
+        "{GPU: 1, CPU: 8} or a custom node label {trainer: 1}; None: one GPU (use_gpu) or the CPU worker's threads"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Operational(
+        "PACK", description="how Ray places the workers' bundles over nodes (ScalingConfig.placement_strategy): "
+        "PACK fills a node first (NVLink), SPREAD one per node"
+    )
     batch_size: int = Field(8, ge=1, description="global batch of pairs per optimiser step")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipeline.artifacts import atomic_write_text, read_manifest, stage_dir
+from pipeline.artifacts import Location, atomic_write_text, join, localize, location, read_manifest, stage_dir, upload
 from pipeline.config import SCENARIO_SOURCES, RunConfig
 from pipeline.plots import plot_confusion  # noqa: F401  (re-exported: pipeline/compare.py imports it from here)
 from pipeline.plots import DIAGNOSTIC_CURVES, plot_logps, plot_scores, plot_training
@@ -231,7 +231,7 @@ def methods_section(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
 
 def headline(run_dir: Path, cfg: RunConfig) -> str:
     """The held-out table (markdown), printed at the end of a run."""
-    data = load_run(run_dir, cfg)
+    data = load_run(local_run_dir(run_dir), cfg)
     if not data.rounds:
         return "(no round has started yet)"
     return "\n".join([*eval_table(eval_rows(cfg, data)), "", EVAL_NOTE])
@@ -462,8 +462,21 @@ def agreement_section(run_dir: Path, report_dir: Path) -> list[str]:
     return parts
 
 
-def write_report(cfg: RunConfig, run_dir: Path) -> Path:
-    run_dir = Path(run_dir)
+# What the report never reads: an object-store run dir is copied down without them.
+NOT_READ = ("checkpoint", ".ray-train", "tensorboard", ".raw")
+
+
+def local_run_dir(run_dir: Location) -> Path:
+    """The run dir as a local folder: itself, or this machine's copy of an object-store run dir
+    (only what changed since the last copy is fetched again, and no checkpoint)."""
+    return localize(location(run_dir), exclude=NOT_READ)
+
+
+def write_report(cfg: RunConfig, run_dir: Location) -> Location:
+    """report/report.md and its plots, from the finished stage folders; for an object-store run dir
+    written on a local copy and uploaded to RUN_DIR/report/."""
+    remote = location(run_dir)
+    run_dir = local_run_dir(remote)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     data = load_run(run_dir, cfg)
@@ -479,4 +492,5 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
              *agreement_section(run_dir, out)]  # fmt: skip
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts) + "\n")
-    return report
+    upload(out, join(remote, "report"))  # (nothing to do for a local run dir)
+    return join(remote, "report", "report.md")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.artifacts import atomic_dir, atomic_write_text, read_manifest, stage_dir
+from pipeline.artifacts import Location, atomic_dir, join, location, read_manifest, stage_dir, write_text
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_fingerprint, path_fingerprint
@@ -76,9 +76,9 @@ class Node:
     round: int
     part: str | None = None
 
-    def folder(self, run_dir: Path) -> Path:
+    def folder(self, run_dir: Location) -> Location:
         base = stage_dir(run_dir, self.round, self.stage)
-        return base / self.part if self.part else base
+        return join(base, self.part) if self.part else base
 
     def __str__(self) -> str:
         return f"round {self.round} {self.stage}" + (f"/{self.part}" if self.part else "")
@@ -111,9 +111,9 @@ class Runner:
     of date with the config.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, config_path: str = "CONFIG"):
+    def __init__(self, cfg: RunConfig, run_dir: Location, config_path: str = "CONFIG"):
         self.cfg = cfg
-        self.run_dir = Path(run_dir).resolve()  # Ray workers have another cwd
+        self.run_dir = location(run_dir)  # absolute (Ray workers have another cwd), or a URI
         self.config_path = config_path  # only for messages that give the command to run
         self._keys: dict[Node, str] = {}
 
@@ -167,7 +167,7 @@ class Runner:
         if round_ == 0:
             return resolve_model(self.cfg.policy), self.cfg.policy
         variant = self.cfg.sample_from()
-        return str(Node("train", round_ - 1, variant).folder(self.run_dir) / "checkpoint"), f"round-{round_ - 1}/{variant}"
+        return str(join(Node("train", round_ - 1, variant).folder(self.run_dir), "checkpoint")), f"round-{round_ - 1}/{variant}"
 
     def policy_key(self, round_: int) -> str:
         """Round 0: the model spec and its folder's fingerprint; round k: its checkpoint's train key."""
@@ -248,7 +248,7 @@ class Runner:
         return "a file, model, code or upstream stage it depends on changed"
 
     # ── running ─────────────────────────────────────────────────────────────────────────────
-    def run_node(self, node: Node, force: bool = False) -> Path:
+    def run_node(self, node: Node, force: bool = False) -> Location:
         stage = STAGES[node.stage]
         paths = self.inputs(node)
         out = node.folder(self.run_dir)
@@ -271,7 +271,7 @@ class Runner:
         log.info("%s: done in %.0f s: %s", node, time.time() - start, _brief(stats))
         return out
 
-    def run_stage(self, name: str, round_: int = 0, force: bool = False, part: str | None = None) -> list[Path]:
+    def run_stage(self, name: str, round_: int = 0, force: bool = False, part: str | None = None) -> list[Location]:
         """Every part of one stage of a round (or the one named)."""
         return [self.run_node(node, force) for node in self.nodes(round_, name, part)]
 
@@ -289,7 +289,7 @@ class Runner:
             if check is not None:
                 check(self.cfg)
 
-    def run_all(self) -> Path:
+    def run_all(self) -> Location:
         self.preflight()
         self.save_config()
         for round_ in range(self.cfg.rounds):
@@ -302,7 +302,7 @@ class Runner:
     def save_config(self) -> None:
         import yaml
 
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        write_text(join(self.run_dir, "config.yaml"), yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def _brief(stats: dict) -> str:

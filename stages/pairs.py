@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.artifacts import Location, filesystem, join, write_table
 from pipeline.config import SCENARIO_SOURCES, PairsConfig, RunConfig
 
 PAIR_COLUMNS = [
@@ -170,19 +170,18 @@ def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _read_judged(folder: str) -> pd.DataFrame:
-    return pq.ParquetDataset(folder).read(columns=_READ).to_pandas()
+    fs, path = filesystem(folder)
+    return pq.ParquetDataset(path, filesystem=fs).read(columns=_READ).to_pandas()
 
 
-def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
+def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
     """`inputs["judge/<source>"]`: the judged candidates of every source the scenarios need."""
     candidates = {key.split("/", 1)[1]: _read_judged(path) for key, path in inputs.items() if key.startswith("judge/")}
     stats: dict[str, Any] = {"prompts": int(candidates["policy"].prompt_id.nunique()), "rows": 0}
     for scenario in cfg.pairs.scenarios:
         rows, dropped = scenario_pairs(candidates, scenario, cfg.pairs)
-        folder = out / f"s{scenario}"
-        folder.mkdir()
         # One row per prompt: small enough to write as one plain Arrow file, sorted by prompt id.
-        pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), folder / "pairs.parquet")
+        write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), join(out, f"s{scenario}", "pairs.parquet"))
         stats[f"s{scenario}"] = {"pairs": len(rows), **dropped}
         stats["rows"] += len(rows)
     return stats

@@ -61,15 +61,24 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray cluster for the session (2 CPUs, as on CI)."""
+def _ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """One local Ray cluster for the session (2 CPUs, as on CI), started again for a module that
+    needs it after one that shut it down (tests/e2e/test_cluster_e2e.py: a cluster node holds
+    one Ray instance)."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False)
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +94,31 @@ def _no_ray_variables_leak_from_a_test():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# ── one S3-protocol server for the session ──────────────────────────────────────────────────
+# Started before any test, so every Ray cluster of the session (the shared local one, the
+# tests' own) inherits its endpoint and credentials from the environment, as a cloud node
+# inherits them from its provider chain: an object-store path is tested in the same Ray as the
+# local one. The secret is random, so a test can check it was written nowhere.
+S3_BUCKET = "pipeline-tests"
+_S3 = None
+
+
+def pytest_configure(config):
+    global _S3
+    from tests.helpers.s3_server import s3_server
+
+    _S3 = s3_server(S3_BUCKET, secret="sec-" + os.urandom(12).hex())
+    os.environ.update(_S3.__enter__())
+
+
+def pytest_unconfigure(config):
+    if _S3 is not None:
+        _S3.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def s3() -> dict[str, str]:
+    """The session's S3 server as environment variables (bucket `S3_BUCKET`)."""
+    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}

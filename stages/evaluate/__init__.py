@@ -21,13 +21,12 @@ held-out pairs, read through the reward-model judge (`rewards.parquet`, `summary
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
+from pipeline.artifacts import Location, join, localize, name_of, parent_of, remove, write_table, write_text
 from pipeline.config import RunConfig
 from pipeline.data import load_prompts
 from pipeline.errors import UserError
@@ -61,7 +60,7 @@ def preflight(cfg: RunConfig) -> None:
         )
 
 
-def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Path) -> tuple[pd.DataFrame, dict]:
+def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Location) -> tuple[pd.DataFrame, dict]:
     """Greedy answers of one model to the held-out prompts, judged: (answers, their summary)."""
     import importlib
 
@@ -70,10 +69,10 @@ def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Path) -> tup
     prompts = load_prompts(cfg.data, "eval")[: cfg.evaluate.num_prompts]
     sampler = cfg.evaluate.sampler or cfg.sampler
     greedy = sampler.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.evaluate.max_tokens})
-    raw = out / ".raw"
+    raw = join(out, ".raw")  # Ray Data writes it from any node: in the stage's folder, local or remote
     importlib.import_module(PLUGINS[greedy.type]).generate(greedy, model_path, model_name, prompts, raw)
     judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
-    shutil.rmtree(raw, ignore_errors=True)
+    remove(raw)
     summary = {"model": model_name, "prompts": len(prompts), **score_summary(judged["score"]),
                "response_tokens": float(judged["response_tokens"].mean())}
     # the text is what a reader compares; the chat and token ids are in the sample stage
@@ -90,16 +89,18 @@ def logp_summary(lp: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
+def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
     if "train" not in inputs:  # the round's own policy: the base row the variants are compared with
         judged, summary = held_out(cfg, inputs["policy"], inputs["policy_name"], out)
-        judged.to_parquet(out / "generations.parquet", index=False)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_table(judged, join(out, "generations.parquet"))
+        write_text(join(out, "summary.json"), json.dumps(summary, indent=2))
         return {"prompts": summary["prompts"], "rows": len(judged), "summary": summary}
 
-    checkpoint = str(Path(inputs["train"]) / "checkpoint")
-    name = f"{Path(inputs['train']).parent.parent.name}/{Path(inputs['train']).name}"  # round-K/<variant>
-    pairs_file = Path(inputs["pairs"]) / f"s{cfg.train.scenario}" / "pairs.parquet"
+    # a folder, or an object-store URI: each process that loads it uses its node's copy (`localize`)
+    checkpoint = str(join(inputs["train"], "checkpoint"))
+    variant = name_of(inputs["train"])
+    name = f"{name_of(parent_of(parent_of(inputs['train'])))}/{variant}"  # round-K/<variant>
+    pairs_file = join(inputs["pairs"], f"s{cfg.train.scenario}", "pairs.parquet")
     num_pairs = pq.read_metadata(pairs_file).num_rows
     trained = trained_pairs(num_pairs, cfg.train)
     if cfg.train.trains_reward_model:
@@ -116,17 +117,17 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
                  for side, path in models.items()}  # fmt: skip
     logps = {side: ray.get(ref).assign(side=side) for side, ref in logp_refs.items()}
     judged, summary = held_out(cfg, checkpoint, name, out)
-    summary |= {"variant": Path(inputs["train"]).name, "scenario": cfg.train.scenario, "method": cfg.train.method.type,
+    summary |= {"variant": variant, "scenario": cfg.train.scenario, "method": cfg.train.method.type,
                 "pairs": num_pairs,
                 "before": {"model": inputs["policy_name"], **logp_summary(logps["before"])},
                 "after": {"model": name, **logp_summary(logps["after"])}}  # fmt: skip
-    judged.to_parquet(out / "generations.parquet", index=False)
-    pd.concat(logps.values(), ignore_index=True).to_parquet(out / "logps.parquet", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_table(judged, join(out, "generations.parquet"))
+    write_table(pd.concat(logps.values(), ignore_index=True), join(out, "logps.parquet"))
+    write_text(join(out, "summary.json"), json.dumps(summary, indent=2))
     return {"prompts": summary["prompts"], "rows": len(judged), "summary": summary}
 
 
-def reward_model_run(cfg: RunConfig, checkpoint: str, name: str, pairs_file: Path, trained: int, out: Path) -> dict:
+def reward_model_run(cfg: RunConfig, checkpoint: str, name: str, pairs_file: Location, trained: int, out: Location) -> dict:
     """A reward-model variant writes no answers: it is scored as a judge, through the reward-model
     judge's own scorer (`stages/judge/reward_model.py`) on the held-out pairs (all pairs when none
     are held out): preference accuracy = share of pairs with r(x,y+) > r(x,y−), seed 003 §5.3's metric."""
@@ -134,12 +135,12 @@ def reward_model_run(cfg: RunConfig, checkpoint: str, name: str, pairs_file: Pat
     held = pairs.iloc[trained:] if trained < len(pairs) else pairs
     rewards = ray.get(pair_rewards.remote(checkpoint, held, cfg.train.max_length))
     accuracy = float((rewards["reward_chosen"] > rewards["reward_rejected"]).mean())
-    summary = {"model": name, "variant": Path(checkpoint).parent.name, "scenario": cfg.train.scenario,
+    summary = {"model": name, "variant": name_of(parent_of(checkpoint)), "scenario": cfg.train.scenario,
                "method": "reward_model", "pairs": len(pairs),
                "preference": {"pairs": len(held), "held_out": trained < len(pairs), "accuracy": accuracy,
                               "margin": float((rewards["reward_chosen"] - rewards["reward_rejected"]).mean())}}  # fmt: skip
-    rewards.to_parquet(out / "rewards.parquet", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_table(rewards, join(out, "rewards.parquet"))
+    write_text(join(out, "summary.json"), json.dumps(summary, indent=2))
     return {"pairs": len(held), "rows": len(rewards), "summary": summary}
 
 
@@ -149,6 +150,7 @@ def pair_rewards(model_path: str, pairs: pd.DataFrame, max_length: int) -> pd.Da
     from pipeline.config import RewardModelJudge
     from stages.judge.reward_model import RewardScorer
 
+    model_path = str(localize(model_path))  # this node's copy of a checkpoint on an object store
     scorer = RewardScorer(model_path, RewardModelJudge(model=model_path, max_length=max_length, thresholds=None))
 
     def rewards(side: str) -> list[float]:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from pipeline.artifacts import localize
 from stages.train.precision import TRAIN_WORKER_CPUS
 
 
@@ -52,6 +53,7 @@ def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | N
     from stages.train.precision import for_inference
 
     torch.set_num_threads(TRAIN_WORKER_CPUS)  # a training worker's threads: the same rounding
+    model_path = str(localize(model_path))  # this node's copy of a checkpoint on an object store
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = for_inference(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), dtype)

@@ -17,8 +17,8 @@ round k+1's data on-policy for round k's checkpoint.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
+from pipeline.artifacts import Location
 from pipeline.config import RunConfig
 from pipeline.data import load_prompts
 from pipeline.models import resolve_model
@@ -28,12 +28,12 @@ PLUGINS = {"vllm": "stages.sample.vllm", "hf": "stages.sample.hf", "openai": "st
 
 def model_of(sampler, inputs: dict[str, str]) -> tuple[str, str]:
     """(path, display name) of the model a sampler draws from: its own `model`, or the round's policy."""
-    if getattr(sampler, "model", None) is None:
+    if getattr(sampler, "model", None) is None:  # a folder, or a checkpoint in an object-store run dir
         return inputs["policy"], inputs["policy_name"]
     return resolve_model(sampler.model), sampler.model
 
 
-def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
+def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
     prompts = load_prompts(cfg.data, "train")
     sampler = cfg.sampler
     if sampler.type == "reference":

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from pipeline.artifacts import localize
 from pipeline.config import HFSampler
 from stages.sample.candidates import SCHEMA, build_messages, finish_reason, stop_token_ids
 
@@ -52,6 +53,7 @@ class HFGenerator:
 
         self.sampler, self.model_name = sampler, model_name
         self.device = torch.device("cuda" if sampler.use_gpu else "cpu")
+        model_path = str(localize(model_path))  # this node's copy of a checkpoint on an object store
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.stop_ids = stop_token_ids(model_path)
         pads = (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0)

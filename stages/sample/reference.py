@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.artifacts import join, write_table
 from pipeline.errors import UserError
 from stages.sample.candidates import SCHEMA, build_messages
 
@@ -37,4 +37,4 @@ def candidates(prompts: list[dict], template: object, source: str) -> list[dict]
 
 
 def generate(prompts: list[dict], template: object, out_dir: Path, source: str) -> None:
-    pq.write_table(pa.Table.from_pylist(candidates(prompts, template, source), schema=SCHEMA), Path(out_dir) / "candidates.parquet")
+    write_table(pa.Table.from_pylist(candidates(prompts, template, source), schema=SCHEMA), join(out_dir, "candidates.parquet"))

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from pipeline import quiet
+from pipeline.artifacts import WEIGHTS, localize
 from pipeline.config import VLLMSampler
 from stages.sample.candidates import build_messages, finish_reason, stop_token_ids
 
@@ -84,6 +85,9 @@ def processor_config(sampler: VLLMSampler, model_path: str):
     # `engine_env` also lets vLLM, not Ray, shut the engine's processes down (pipeline/quiet.py).
     env = quiet.engine_env(sampler.engine_log_level)
     extra: dict[str, Any] = {}
+    if sampler.use_gpu and sampler.tensor_parallel_size > 1:
+        # an engine's GPUs on one node (NVLink); its replicas spread over the nodes that have room
+        extra["placement_group_config"] = dict(bundles=[{"GPU": 1}] * sampler.tensor_parallel_size, strategy="STRICT_PACK")
     if not sampler.use_gpu:
         # Without an explicit CPU bundle Ray Data asks for a GPU per engine and waits forever.
         extra["placement_group_config"] = dict(bundles=[{"CPU": 1}] * sampler.tensor_parallel_size)
@@ -92,6 +96,8 @@ def processor_config(sampler: VLLMSampler, model_path: str):
         extra.update(chat_template_stage=_LIGHT, tokenize_stage=_LIGHT, detokenize_stage=_LIGHT)
     extra["runtime_env"] = {"env_vars": env}
     return vLLMEngineProcessorConfig(
+        # a local folder, or a checkpoint on an object store (s3://, gs://), which Ray downloads
+        # on each engine's node
         model_source=model_path,
         batch_size=sampler.batch_size,
         concurrency=sampler.replicas,
@@ -115,7 +121,8 @@ def generate(sampler: VLLMSampler, model_path: str, model_name: str, prompts: li
     processor = build_processor(
         processor_config(sampler, model_path),
         preprocess=partial(_preprocess, sampler=sampler),
-        postprocess=partial(_postprocess, sampler=sampler, model_name=model_name, stop_ids=stop_token_ids(model_path)),
+        postprocess=partial(_postprocess, sampler=sampler, model_name=model_name,
+                            stop_ids=stop_token_ids(str(localize(model_path, exclude=WEIGHTS)))),
         preprocess_map_kwargs=light,
         postprocess_map_kwargs=light,
     )

@@ -22,19 +22,20 @@ The worker loop is `stages/train/loop.py`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.artifacts import WEIGHTS, Location, files_under, is_file, join, localize, read_text, remove, staged, working_copy
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import UserError
 from stages.train.precision import TRAIN_WORKER_CPUS
 
 log = logging.getLogger("pipeline.train")
 NONFINITE = "non-finite loss or gradient"  # the worker's FloatingPointError, recognised here
+WORKERS = "workers.json"  # rank 0 writes each rank's node id; the driver moves it into the manifest
 
 
 def effective_batch_size(num_pairs: int, batch_size: int, num_workers: int) -> int:
@@ -76,8 +77,21 @@ def reference_batches_for(num_pairs: int, tc: TrainConfig) -> list[list[int]]:
     return reference_batches(epoch_order(trained, tc.seed, 0), micro_batch_for(share, tc.micro_batch_size), tc.num_workers)
 
 
-def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+def scaling_config(tc: TrainConfig):
+    """Ray Train's ScalingConfig from the config: how many workers, what each holds, how they spread.
+    Nothing names a machine: `resources_per_worker` may ask for a custom resource that only some
+    nodes offer (`ray start --resources='{"trainer": 8}'`), which is how a cluster pins training."""
+    from ray.train import ScalingConfig
+
+    resources = tc.resources_per_worker
+    if resources is None:
+        resources = {"GPU": 1} if tc.use_gpu else {"CPU": TRAIN_WORKER_CPUS}
+    return ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=dict(resources),
+                         placement_strategy=tc.placement_strategy)  # fmt: skip
+
+
+def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
@@ -86,16 +100,17 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     from stages.train.loop import train_loop
 
     tc = cfg.train
-    pairs_file = Path(inputs["pairs"]) / f"s{tc.scenario}" / "pairs.parquet"
+    pairs_file = localize(inputs["pairs"]) / f"s{tc.scenario}" / "pairs.parquet"
     if not pairs_file.is_file():
         raise UserError(f"{pairs_file} not found: train.scenario={tc.scenario} must be one of pairs.scenarios")
     num_pairs = pq.read_metadata(pairs_file).num_rows
     batch_size = effective_batch_size(trained_pairs(num_pairs, tc), tc.batch_size, tc.num_workers)
-    tokenized = out / "tokenized_pairs.parquet"
-    if not tokenized.exists():  # a resumed stage has it
-        tokenizer = AutoTokenizer.from_pretrained(inputs["policy"])
-        write_tokenized(tokenized, tokenizer, pq.read_table(pairs_file).to_pylist(), tc.max_length,
-                        reward_model=tc.trains_reward_model)  # fmt: skip
+    tokenized = join(out, "tokenized_pairs.parquet")  # where every worker reads it, on any node
+    if not is_file(tokenized):  # a resumed stage has it
+        tokenizer = AutoTokenizer.from_pretrained(localize(inputs["policy"], exclude=WEIGHTS))
+        with staged(out) as local:
+            write_tokenized(local / "tokenized_pairs.parquet", tokenizer, pq.read_table(pairs_file).to_pylist(),
+                            tc.max_length, reward_model=tc.trains_reward_model)  # fmt: skip
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -106,11 +121,11 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
             "inject_nan_at_step": int(os.environ.get("PIPELINE_TRAIN_INJECT_NAN_AT_STEP", 0)) or None,
             "kill_rank_at_step": dict(x.split(":") for x in os.environ.get("PIPELINE_TRAIN_KILL", "").split(",") if x),
         },  # fmt: skip
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": TRAIN_WORKER_CPUS}),
-        # Ray Train's storage is in the stage's own partial folder (the runner keeps it across a kill for
-        # the same config): run again, Ray Train finds the latest checkpoint there and the loop resumes.
-        run_config=TrainRunConfig(name="train", storage_path=str(out.resolve() / ".ray-train"),
+        scaling_config=scaling_config(tc),
+        # Ray Train's storage is in the stage's own unfinished folder (the runner keeps it across a kill
+        # for the same config; local or an object store): run again, Ray Train finds the latest
+        # checkpoint there and the loop resumes.
+        run_config=TrainRunConfig(name="train", storage_path=str(join(out, ".ray-train")),
                                   failure_config=FailureConfig(max_failures=tc.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -119,17 +134,27 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Path) -> dict:
     except Exception as err:  # Ray Train wraps the worker's exception; a NaN is the user's to act on
         if NONFINITE in str(err):
             line = next(x for x in str(err).splitlines() if NONFINITE in x)
-            saved = sorted((out / ".ray-train" / "train").glob("step-*"))
-            last = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was taken before it"
+            saved = sorted({p.split("/")[0] for p in files_under(join(out, ".ray-train", "train")) if p.startswith("step-")})
+            last = (f"the last good checkpoint, {join(out, '.ray-train', 'train', saved[-1])}, is kept" if saved
+                    else "no checkpoint was taken before it")
             raise UserError(
                 f"training stopped: {line.split('FloatingPointError: ')[-1].strip()}. No update from that step was "
                 f"applied; {last}; the round's policy is unchanged. Lower train.lr, turn on train.grad_clip, or "
-                f"check the pairs (metrics so far: {out / 'metrics.jsonl'})"
+                f"check the pairs (metrics so far: {join(out, 'metrics.jsonl')})"
             ) from None
         raise
-    steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
-    shutil.rmtree(out / ".ray-train", ignore_errors=True)  # the sharded checkpoints: done, checkpoint/ is the model
-    for marker in out.glob(".killed-*"):  # left by the tests' fault injection
+    metrics = join(out, "metrics.jsonl")
+    steps = sum(1 for line in read_text(metrics).splitlines() if line.strip()) if is_file(metrics) else 0
+    workers = json.loads(read_text(join(out, WORKERS)))
+    remove(join(out, ".ray-train"))  # the sharded checkpoints: done, checkpoint/ is the model
+    remove(join(out, WORKERS))
+    for marker in working_copy(out).glob(".killed-*"):  # left by the tests' fault injection
         marker.unlink()
     return {"pairs": num_pairs, "held_out_pairs": tc.held_out_pairs, "batch_size": batch_size, "steps": steps,
-            "rows": steps}  # fmt: skip
+            "rows": steps, "placement": placement(workers)}  # fmt: skip
+
+
+def placement(workers: list[dict]) -> dict:
+    """Where the workers ran (the manifest keeps it: a multi-node run shows its nodes)."""
+    nodes = sorted({w["node_id"] for w in workers})
+    return {"nodes": len(nodes), "workers": workers}

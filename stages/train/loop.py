@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stages.train import NONFINITE
+from pipeline.artifacts import copy_tree, is_file, is_uri, join, localize, location, read_text, upload, working_copy
+from stages.train import NONFINITE, WORKERS
 from stages.train.batch import Batch, TokenizedPair, collate, read_tokenized
 from stages.train.checkpoint import keep_metrics_up_to, restore_checkpoint, save_checkpoint, save_hf_checkpoint
 from stages.train.guard import Guard
@@ -279,7 +280,12 @@ def batch_schedule(num_pairs: int, batch_size: int, epochs: int, seed: int, max_
 # ── the worker loop ──────────────────────────────────────────────────────────────────────────
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point. config: policy (path), ref_model (path, default the policy), tokenized (the pairs'
-    token ids, `batch.write_tokenized`), out (folder), train (TrainConfig dict), batch_size."""
+    token ids, `batch.write_tokenized`), out (folder), train (TrainConfig dict), batch_size.
+
+    `policy`, `ref_model`, `tokenized` and `out` may be object-store URIs (a run dir on s3://):
+    each worker reads this node's copy of a model (`localize`), rank 0 writes into this node's
+    working copy of `out` and uploads it (after each sharded checkpoint, and at the end), so the
+    workers may be on any node and rank 0 on another after a restart."""
     import pyarrow.parquet as pq
     import ray.train
     import ray.train.torch
@@ -291,9 +297,16 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
-    out = Path(config["out"])
+    out_loc = location(config["out"])
+    out = working_copy(out_loc)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and is_uri(out_loc):  # this node's copy may be another run's: start from what the store holds
+        resume_working_copy(out_loc, out, resuming=ray.train.get_checkpoint() is not None)
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())  # where each rank runs: the manifest shows it
+    policy_path = str(localize(config["policy"]))
 
-    tokenizer = AutoTokenizer.from_pretrained(config["policy"])
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenized = read_tokenized(config["tokenized"])  # tokenized once by the driver
     trained = len(tokenized) - cfg.held_out_pairs  # the last `held_out_pairs` are evaluated, never trained on
@@ -309,12 +322,12 @@ def train_loop(config: dict[str, Any]) -> None:
     ref_chosen = ref_rejected = None
     held_refs: tuple[Tensor | None, Tensor | None] = (None, None)
     if needs_reference(cfg.method) and ref_path != config["policy"]:
-        reference = load_policy(ref_path, cfg.dtype, device)
+        reference = load_policy(str(localize(ref_path)), cfg.dtype, device)
         ref_chosen, ref_rejected = reference_logps(reference, pairs, pad_id, micro, device, first_order)
         if held:
             held_refs = reference_logps(reference, held, pad_id, micro, device)
         del reference
-    model = load_policy(config["policy"], cfg.dtype, device, cfg.activation_checkpointing,
+    model = load_policy(policy_path, cfg.dtype, device, cfg.activation_checkpointing,
                         reward_model_of=tokenizer if reward_model else None)  # fmt: skip
     if reward_model:
         pad_id = model.config.pad_token_id  # what its pooling skips (`pipeline/chat.reward_pad_id`)
@@ -400,10 +413,30 @@ def train_loop(config: dict[str, Any]) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(schedule):
             save_checkpoint(model, optimizer, scheduler, guard, step + 1, metrics)
+            if rank == 0:
+                writer.flush()
+                upload(out, out_loc)  # the metrics so far beside the checkpoint (nothing to do when local)
     if bar is not None:
         bar.close()
         writer.close()
     save_hf_checkpoint(model, tokenizer, out / "checkpoint")
+    if rank == 0:
+        (out / WORKERS).write_text(json.dumps([{"rank": r, "node_id": n} for r, n in enumerate(nodes)]))
+        upload(out, out_loc)
+
+
+def resume_working_copy(out_loc: str, out: Path, resuming: bool) -> None:
+    """Rank 0's node-local working copy of an object-store stage folder, as the store has it: empty
+    at step 0 (what is there is another run's), else the metrics and TensorBoard events uploaded
+    with the checkpoint resumed from."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if resuming:
+        if is_file(join(out_loc, "metrics.jsonl")):
+            (out / "metrics.jsonl").write_text(read_text(join(out_loc, "metrics.jsonl")))
+        copy_tree(join(out_loc, "tensorboard"), out / "tensorboard")
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:

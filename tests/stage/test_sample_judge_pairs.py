@@ -15,6 +15,7 @@ import stages.pairs
 import stages.sample
 from pipeline.config import RunConfig
 from pipeline.data import load_prompts
+from tests.conftest import S3_BUCKET
 
 N_PROMPTS, N = 6, 4
 
@@ -30,9 +31,15 @@ def cfg(tiny_llama) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def sampled(cfg, tiny_llama, ray_local, tmp_path_factory) -> Path:
+def sampled(cfg, tiny_llama, ray_local, s3, tmp_path_factory) -> Path:
+    """The policy is read from an object store, as round k > 0 of a run dir on s3:// reads its
+    checkpoint: the vLLM engine gets the URI and Ray fetches the model on the engine's node."""
+    from pipeline.artifacts import copy_tree
+
+    policy = f"s3://{S3_BUCKET}/models/tiny-llama"
+    copy_tree(tiny_llama, policy)
     out = tmp_path_factory.mktemp("sample")
-    stats = stages.sample.run(cfg, {"policy": str(tiny_llama), "policy_name": "tiny-llama"}, out)
+    stats = stages.sample.run(cfg, {"policy": policy, "policy_name": "tiny-llama"}, out)
     assert stats == {"prompts": N_PROMPTS, "rows": N_PROMPTS * N, "model": "tiny-llama"}
     return out
 

@@ -22,6 +22,7 @@ RUN_KEYS = ["data", "evaluate", "judge", "name", "next_round", "other_sampler", 
 TRAIN_KEYS = [
     "activation_checkpointing", "batch_size", "checkpoint_every", "diagnostics_every", "dtype", "epochs", "eval_every",
     "grad_clip", "guard", "held_out_pairs", "lr", "lr_schedule", "max_failures", "max_length", "max_steps", "method", "micro_batch_size", "num_workers", "optimizer",
+    "placement_strategy", "resources_per_worker",
     "scenario", "seed", "use_gpu", "warmup_steps", "weight_decay",
 ]  # fmt: skip
 
