@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML run config, e.g. configs/default.yaml")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-5")
-        p.add_argument("--run-dir", type=Path, default=None, help="where artifacts go (default: runs/<config name>/)")
+        p.add_argument("--run-dir", default=None, metavar="PATH|URI",
+                       help="where artifacts go: a folder (shared storage on a cluster) or s3://, gs://, abfs:// (default: runs/<config name>/)")
 
     run = sub.add_parser("run", help="run every stage of every round, skipping finished ones, then write the report",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,10 +117,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
 
     cfg = load_config(args.config, args.overrides)
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        from pipeline import quiet
+    from pipeline import quiet
 
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         quiet.before_ray_import()  # a local cluster: Ray reads these variables when it is imported
+    else:
+        quiet.before_joining_cluster()  # `ray job submit`: the cluster is the user's
     run_dir = args.run_dir or Path("runs") / cfg.name
     if args.command == "compare-judges":
         from pipeline.compare import compare_judges, format_comparison

@@ -63,6 +63,12 @@ def before_ray_import() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(map(re.escape, _SKIPPED_WORKER_LINES)))
 
 
+def before_joining_cluster() -> None:
+    """For a driver that joins a running cluster (`ray job submit`, RAY_ADDRESS): the same filter
+    of the workers' lines it prints; the cluster's own settings (its auth mode) are the cluster's."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(map(re.escape, _SKIPPED_WORKER_LINES)))
+
+
 def ray_init_kwargs() -> dict:
     """Extra `ray.init()` arguments for a local cluster: the worker setup hook below."""
     return {"runtime_env": {"worker_process_setup_hook": "pipeline.quiet.worker_setup"}}
