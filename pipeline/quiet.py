@@ -61,6 +61,16 @@ def before_ray_import() -> None:
     # loaded, it would disagree with Ray's cached config.)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(map(re.escape, _SKIPPED_WORKER_LINES)))
+    for key, value in RAY_WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+# Read by Ray's worker processes, so set where a cluster starts (here for a local one; cluster.yaml
+# for a cluster). Ray Data 2.60 lists a read's files with a thread pool whose completion thread can
+# find the queue already shut when the listing task ends: "Exception in thread
+# pool-1/completion-signaler ... InterruptedError" with its traceback, after a read that
+# succeeded (seen on an s3:// run dir). A stage folder holds a handful of files: one listing thread.
+RAY_WORKER_ENV = {"RAY_DATA_LIST_FILES_THREADED_NUM_WORKERS": "1"}
 
 
 def before_joining_cluster() -> None:

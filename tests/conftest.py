@@ -86,7 +86,7 @@ def _no_ray_variables_leak_from_a_test():
     """The CLI (`pipeline.quiet.before_ray_import`) sets Ray's variables for a process that is about
     to import Ray; in this process Ray is imported already, so a local cluster started by a later
     test would disagree with them (RAY_AUTH_MODE=token without a token: GCS refuses to start)."""
-    keys = ("RAY_AUTH_MODE", "RAY_DEDUP_LOGS_SKIP_REGEX")
+    keys = ("RAY_AUTH_MODE", "RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_DATA_LIST_FILES_THREADED_NUM_WORKERS")
     saved = {key: os.environ.get(key) for key in keys}
     yield
     for key, value in saved.items():

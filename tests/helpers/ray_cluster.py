@@ -133,7 +133,9 @@ class LocalCluster:
 def local_cluster(nodes: list[tuple[int, dict[str, float]]], env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
     """Start a head and workers (`(cpus, resources)` each); yield when all are up; tear down by pid."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    full = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    from pipeline.quiet import RAY_WORKER_ENV  # what cluster.yaml's start commands set
+
+    full = {**os.environ, **(env or {}), **RAY_WORKER_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
     for inherited in ("RAY_ADDRESS", "RAY_DEDUP_LOGS"):  # another cluster's; a test's choice (dedup off skips no line)
         full.pop(inherited, None)
     cluster = LocalCluster(full, temp_dir)

@@ -28,6 +28,10 @@ def test_cluster_yaml_is_valid_for_ray_up():
     assert 0 <= gpu["min_workers"] <= gpu["max_workers"] <= CLUSTER["max_workers"]
     assert any("[gpu]" in cmd for cmd in CLUSTER["setup_commands"]), "the nodes install the gpu extra"
     assert "." in CLUSTER["file_mounts"].values(), "the repository travels to the nodes"
+    from pipeline.quiet import RAY_WORKER_ENV
+
+    for command in (c for c in CLUSTER["head_start_ray_commands"] + CLUSTER["worker_start_ray_commands"] if "ray start" in c):
+        assert all(f"{k}={v}" in command for k, v in RAY_WORKER_ENV.items()), command  # what Ray's workers read
 
 
 @pytest.mark.parametrize(
