@@ -18,6 +18,11 @@ Writes into the stage folder:
   under the precision policy of `stages/train/precision.py`, in `reference_batches_for`'s
   batches; evaluate's "before" log-probs are checked against them.
 The worker loop is `stages/train/loop.py`.
+
+The stage folder may be on an object store (`s3://...`): the tokenized pairs and Ray Train's
+sharded checkpoints (`storage_path`) live there, every worker reads its node's copy of the models
+(`pipeline.artifacts.localize`), and rank 0 uploads what it writes, so the workers may be on any
+nodes. The manifest records which (`stats.placement`).
 """
 
 from __future__ import annotations
