@@ -148,6 +148,7 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
                 f"check the pairs (metrics so far: {join(out, 'metrics.jsonl')})"
             ) from None
         raise
+    _wait_for_workers_to_leave(scaling_config(tc))
     metrics = join(out, "metrics.jsonl")
     steps = sum(1 for line in read_text(metrics).splitlines() if line.strip()) if is_file(metrics) else 0
     workers = json.loads(read_text(join(out, WORKERS)))
@@ -157,6 +158,22 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
         marker.unlink()
     return {"pairs": num_pairs, "held_out_pairs": tc.held_out_pairs, "batch_size": batch_size, "steps": steps,
             "rows": steps, "placement": placement(workers)}  # fmt: skip
+
+
+def _wait_for_workers_to_leave(scaling, timeout: float = 15.0) -> None:
+    """Ray Train tears its worker actors down after `fit()` returns, asynchronously; the next
+    stage's first Ray Data job, started while they still hold the CPUs, warns that "the Ray
+    cluster currently does not have any available CPUs". Wait (bounded: on a busy cluster others
+    may hold them) until the CPUs the workers held are free again."""
+    import time
+
+    import ray
+
+    held = scaling.num_workers * scaling.resources_per_worker.get("CPU", 0)
+    wanted = min(held, ray.cluster_resources().get("CPU", 0))
+    deadline = time.time() + timeout
+    while ray.available_resources().get("CPU", 0) < wanted and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def placement(workers: list[dict]) -> dict:
