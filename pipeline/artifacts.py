@@ -161,6 +161,15 @@ def write_table(table: Any, loc: Location) -> None:
     pq.write_table(table, path, filesystem=fs)
 
 
+def read_folder(loc: Location, columns: list[str] | None = None):
+    """A folder of Parquet files (a stage's output) as one Arrow table, local or remote; files whose
+    names start with `_` or `.` (the manifest) are skipped, as every Parquet reader does."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(loc)
+    return pq.ParquetDataset(path, filesystem=fs).read(columns=columns)
+
+
 def remove(loc: Location) -> None:
     """Delete a folder or a file; nothing if it is not there."""
     import pyarrow.fs as pafs

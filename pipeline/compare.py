@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any, Sequence, get_args
 
 import pandas as pd
-import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
-from pipeline.artifacts import atomic_dir, filesystem, join, location, read_manifest, stage_dir, staged, write_table, write_text
+from pipeline.artifacts import atomic_dir, join, location, read_folder, read_manifest, stage_dir, staged, write_table, write_text
 from pipeline.config import JudgeConfig, RunConfig, format_validation_error
 from pipeline.errors import UserError
 from stages.judge.agreement import agreement
@@ -102,8 +101,7 @@ def finished_sample(run_dir: Path, round_: int, config_path: str) -> Path:
 
 def first_prompts(folder: Path, limit: int) -> list[str]:
     """The first `limit` prompt ids in the folder's row order (files by name, rows in order)."""
-    fs, path = filesystem(folder)
-    ids = pq.ParquetDataset(path, filesystem=fs).read(columns=["prompt_id"]).to_pandas()["prompt_id"]
+    ids = read_folder(folder, ["prompt_id"]).to_pandas()["prompt_id"]
     return list(dict.fromkeys(ids.astype(str)))[:limit]
 
 

@@ -24,7 +24,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from pipeline.artifacts import Location, atomic_dir, join, location, read_manifest, stage_dir, write_text
@@ -45,7 +44,7 @@ class Stage:
     dists: tuple[str, ...] = ()  # third-party distributions that do its work, by version
     resumable: bool = False  # its partial folder survives a kill: a rerun of the same work goes on from it
 
-    def fn(self) -> Callable[[RunConfig, dict[str, str], Path], dict]:
+    def fn(self) -> Callable[[RunConfig, dict[str, str], Location], dict]:
         return importlib.import_module(self.module).run
 
 

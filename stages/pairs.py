@@ -40,9 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.artifacts import Location, filesystem, join, write_table
+from pipeline.artifacts import Location, join, read_folder, write_table
 from pipeline.config import SCENARIO_SOURCES, PairsConfig, RunConfig
 
 PAIR_COLUMNS = [
@@ -170,8 +169,7 @@ def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _read_judged(folder: str) -> pd.DataFrame:
-    fs, path = filesystem(folder)
-    return pq.ParquetDataset(path, filesystem=fs).read(columns=_READ).to_pandas()
+    return read_folder(folder, _READ).to_pandas()
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:

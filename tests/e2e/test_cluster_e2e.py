@@ -151,10 +151,7 @@ def test_a_job_stopped_mid_train_resumes_on_resubmit_with_workers_on_both_nodes(
 
 
 def _read_folder(uri: str) -> pd.DataFrame:
-    import pyarrow.parquet as pq
-
-    fs, path = artifacts.filesystem(uri)
-    return pq.ParquetDataset(path, filesystem=fs).read().to_pandas()
+    return artifacts.read_folder(uri).to_pandas()
 
 
 def test_working_dir_ships_the_code_and_a_failing_job_exits_non_zero(s3, two_nodes):
