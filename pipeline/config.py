@@ -351,6 +351,48 @@ MethodConfig = Annotated[
 ]
 
 
+# ── update rules and parameterisations (a method = objective × update rule × parameterisation) ──
+class PlainUpdate(Block):
+    """Backpropagate the objective's loss (every method's default)."""
+
+    type: Literal["plain"] = "plain"
+
+
+class OGDUpdate(Block):
+    """Orthogonal Gradient Descent (seed 001 §4, `stages/train/ogd.py`): the gradient is
+    g_w − max(0, g_w·g_l)/‖g_l‖² · g_l with g_w, g_l the gradients of the mean NLL of the chosen and
+    of the rejected responses. No reference model and no hyper-parameter; `method` is then only
+    logged, for comparison (the paper plots the DPO loss at β = 0.1 under OGD, Fig. 6)."""
+
+    type: Literal["ogd"] = "ogd"
+
+
+UpdateConfig = Annotated[Union[PlainUpdate, OGDUpdate], Field(discriminator="type")]
+
+
+class FullParameterisation(Block):
+    """Every weight trains."""
+
+    type: Literal["full"] = "full"
+
+
+class RoPOParameterisation(Block):
+    """RoPO (seed 000, `stages/train/ropo.py`): every weight frozen; each adapted linear layer
+    trains Givens angles (a forward and a reverse sweep of `stages` stages each) and a magnitude
+    per output neuron, W' = diag(m)·W·Rᵀ, so the angles between neurons (and the hyperspherical
+    energy) never change. Merged into plain weights on export."""
+
+    type: Literal["ropo"] = "ropo"
+    modules: list[str] = Field(
+        ["q_proj", "v_proj"], min_length=1,
+        description="names of the linear layers to adapt (the last part of the module name, e.g. q_proj, up_proj)",
+    )
+    stages: int = Field(2, ge=1, le=16, description="Givens stages per sweep (strides 1, 2, 4, …); angles = stages × in_features per layer")
+
+
+ParameterisationConfig = Annotated[Union[FullParameterisation, RoPOParameterisation], Field(discriminator="type")]
+
+
 class GuardConfig(Block):
     """Watch logratios/rejected (logp(y−) − ref_logp(y−) on the step's pairs) and act on a drastic
     drop, once (stages/train/guard.py)."""
@@ -369,6 +411,8 @@ class GuardConfig(Block):
 
 class TrainConfig(Block):
     method: MethodConfig = DPOMethod()
+    update: UpdateConfig = Field(PlainUpdate(), description="how the gradient is formed: plain (the method's loss) or ogd")
+    parameterisation: ParameterisationConfig = Field(FullParameterisation(), description="what trains: full weights, or ropo")
     guard: GuardConfig | None = Field(None, description="beyond the paper: act on a drastic drop of the rejected log-ratio")
     scenario: Literal[1, 2, 3, 4] = Field(1, description="whose pairs (pairs/s<scenario>) this training reads")
     num_workers: int = Field(2, ge=1, description="Ray Train workers; FSDP2 shards across them")
@@ -388,7 +432,7 @@ class TrainConfig(Block):
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="after the warm-up")
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = Field("adamw", description="adamw (DPO's), rmsprop (OGD's paper), sgd (plain, no momentum)")
     micro_batch_size: int | None = Field(
         None, ge=1, description="pairs per forward on each worker; gradient accumulation makes up the worker's "
         "share of batch_size (None: the whole share at once)"
@@ -419,8 +463,16 @@ class TrainConfig(Block):
         """A reward model, not a policy: it answers no prompts and is never sampled from."""
         return self.method.type == "reward_model"
 
+    @property
+    def uses_ogd(self) -> bool:
+        return self.update.type == "ogd"
+
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> "TrainConfig":
+        if self.trains_reward_model and (self.uses_ogd or self.parameterisation.type != "full"):
+            raise ValueError("method reward_model trains a new reward head: it takes update: plain and parameterisation: full")
+        if self.uses_ogd and self.guard is not None:
+            raise ValueError("guard changes the method's loss, and under update: ogd the loss is only logged: drop `guard`")
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers}) "
@@ -548,8 +600,9 @@ class RunConfig(Block):
             if not isinstance(overrides, dict):
                 raise ValueError(f"variants.{name}: expected keys of `train` to override, e.g. {{scenario: 2}}, got {overrides!r}")
             merged = _deep_merge(self.train.model_dump(mode="json"), overrides)
-            if isinstance(overrides.get("method"), dict) and "type" in overrides["method"]:
-                merged["method"] = overrides["method"]  # another method: its own defaults, not the base's keys
+            for block in ("method", "update", "parameterisation"):  # another plug-in: its own defaults, not the base's keys
+                if isinstance(overrides.get(block), dict) and "type" in overrides[block]:
+                    merged[block] = overrides[block]
             try:
                 out[name] = TrainConfig.model_validate(merged)
             except ValidationError as err:
@@ -779,7 +832,8 @@ def _flatten(args: tuple) -> list:
 
 
 # Where a config block picks its plug-in with `type:`.
-_PLUGIN_BLOCKS = {("data",), ("sampler",), ("other_sampler",), ("judge",), ("train", "method"), ("evaluate", "sampler")}
+_PLUGIN_BLOCKS = {("data",), ("sampler",), ("other_sampler",), ("judge",), ("train", "method"), ("train", "update"),
+                  ("train", "parameterisation"), ("evaluate", "sampler")}
 
 # Plug-in blocks whose default is None: the type a block given without `type:` gets.
 _NONE_DEFAULT_TYPE = {("other_sampler",): "vllm", ("evaluate", "sampler"): "vllm"}

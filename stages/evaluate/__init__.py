@@ -12,8 +12,13 @@ row of the paper's Table 2) and once per variant (`round-K/evaluate/<variant>/`)
   the drop of logp(rejected) shows how far training went into "unlearning"; "before" shows how
   on-policy each scenario's data is.
 
+- Diversity: distinct-1…4 of the held-out answers (`stages/evaluate/diversity.py`).
+- Geometry (variants only): the hyperspherical energy of every decoder-layer matrix before and
+  after training (`stages/evaluate/geometry.py`): DPO moves it, RoPO cannot.
+
 Writes `generations.parquet` (judged answers), `summary.json`, and for a variant
-`logps.parquet` (one row per pair and side, `side` "before" or "after"). A reward-model variant
+`logps.parquet` (one row per pair and side, `side` "before" or "after") and `geometry.parquet`
+(one row per matrix: `layer, module, rows, cols, he_before, he_after, he_relative_change`). A reward-model variant
 (`method: {type: reward_model}`) cannot answer: its evaluation is its preference accuracy on the
 held-out pairs, read through the reward-model judge (`rewards.parquet`, `summary.json`).
 """
@@ -30,6 +35,8 @@ from pipeline.artifacts import Location, join, localize, name_of, parent_of, rem
 from pipeline.config import RunConfig
 from pipeline.data import load_prompts
 from pipeline.errors import UserError
+from stages.evaluate.diversity import distinct
+from stages.evaluate.geometry import layer_energies, read_weights
 from stages.evaluate.logps import pair_logps
 from stages.judge import judge_dataset
 from stages.judge import preflight as judge_preflight
@@ -74,7 +81,8 @@ def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Location) ->
     judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
     remove(raw)
     summary = {"model": model_name, "prompts": len(prompts), **score_summary(judged["score"]),
-               "response_tokens": float(judged["response_tokens"].mean())}
+               "response_tokens": float(judged["response_tokens"].mean()),
+               **distinct(judged["response"].fillna("").tolist())}  # fmt: skip
     # the text is what a reader compares; the chat and token ids are in the sample stage
     return judged.drop(columns=["messages", "prompt_token_ids", "response_token_ids"]), summary
 
@@ -87,6 +95,21 @@ def logp_summary(lp: pd.DataFrame) -> dict[str, float]:
         "logps_per_token/chosen": float((lp["logps_chosen"] / lp["tokens_chosen"]).mean()),
         "logps_per_token/rejected": float((lp["logps_rejected"] / lp["tokens_rejected"]).mean()),
     }
+
+
+@ray.remote(num_cpus=1, max_calls=1)
+def layer_geometry(before: str, after: str) -> list[dict]:
+    """Hyperspherical energy of every decoder-layer matrix of two models (`geometry.layer_energies`),
+    on the node that holds their copies."""
+    return layer_energies(read_weights(str(localize(before))), read_weights(str(localize(after))))
+
+
+def geometry_summary(geometry: pd.DataFrame) -> dict[str, float]:
+    """How far training moved the layers' hyperspherical energy: the mean and the largest
+    |relative change| over the matrices (0 for RoPO, up to float rounding)."""
+    change = geometry["he_relative_change"].abs() if len(geometry) else pd.Series([0.0])
+    return {"matrices": int(len(geometry)), "he_mean_abs_relative_change": float(change.mean()),
+            "he_max_abs_relative_change": float(change.max())}  # fmt: skip
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
@@ -115,12 +138,16 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
     logp_refs = {side: pair_logps.remote(path, str(pairs_file), cfg.train.max_length, limit,
                                          cfg.train.dtype, batches=ref_batches)
                  for side, path in models.items()}  # fmt: skip
+    energies = layer_geometry.remote(inputs["policy"], checkpoint)
     logps = {side: ray.get(ref).assign(side=side) for side, ref in logp_refs.items()}
     judged, summary = held_out(cfg, checkpoint, name, out)
     summary |= {"variant": variant, "scenario": cfg.train.scenario, "method": cfg.train.method.type,
                 "pairs": num_pairs,
                 "before": {"model": inputs["policy_name"], **logp_summary(logps["before"])},
                 "after": {"model": name, **logp_summary(logps["after"])}}  # fmt: skip
+    geometry = pd.DataFrame(ray.get(energies))
+    summary["geometry"] = geometry_summary(geometry)
+    write_table(geometry, join(out, "geometry.parquet"))
     write_table(judged, join(out, "generations.parquet"))
     write_table(pd.concat(logps.values(), ignore_index=True), join(out, "logps.parquet"))
     write_text(join(out, "summary.json"), json.dumps(summary, indent=2))

@@ -151,13 +151,16 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
     _wait_for_workers_to_leave(scaling_config(tc))
     metrics = join(out, "metrics.jsonl")
     steps = sum(1 for line in read_text(metrics).splitlines() if line.strip()) if is_file(metrics) else 0
-    workers = json.loads(read_text(join(out, WORKERS)))
+    run_info = json.loads(read_text(join(out, WORKERS)))
     remove(join(out, ".ray-train"))  # the sharded checkpoints: done, checkpoint/ is the model
     remove(join(out, WORKERS))
     for marker in working_copy(out).glob(".killed-*"):  # left by the tests' fault injection
         marker.unlink()
     return {"pairs": num_pairs, "held_out_pairs": tc.held_out_pairs, "batch_size": batch_size, "steps": steps,
-            "rows": steps, "placement": placement(workers)}  # fmt: skip
+            "rows": steps, "placement": placement(run_info["workers"]),
+            # printed in the stage's done line: RoPO's share is the figure its paper reports (0.0086% of an 8B model)
+            "trainable_parameters": run_info["parameters"]["trainable"],
+            "trainable_percent": float(f"{run_info['parameters']['trainable_percent']:.4g}")}  # fmt: skip
 
 
 def _wait_for_workers_to_leave(scaling, timeout: float = 15.0) -> None:

@@ -5,7 +5,8 @@
   through `ray.train.report(checkpoint=...)`; Ray Train keeps them in the run's storage and hands
   the latest back (`ray.train.get_checkpoint()`) to restarted workers or a rerun of the stage.
 - `keep_metrics_up_to`: the metrics of steps redone after a restore are dropped first.
-- `save_hf_checkpoint`: the full state dict gathered to rank 0, saved as a plain HF folder.
+- `save_hf_checkpoint`: the full state dict gathered to rank 0, saved as a plain HF folder (a RoPO
+  model's rotations and magnitudes merged into its weights first).
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ def save_hf_checkpoint(model, tokenizer, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from stages.train.reward_model import is_reward_model
+    from stages.train.ropo import is_adapted, merge_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
+        if is_adapted(model):  # RoPO: W' = diag(m)·W·Rᵀ into each adapted layer's weight, a plain model
+            state = merge_state_dict(model, state)
         auto = AutoModelForSequenceClassification if is_reward_model(model) else AutoModelForCausalLM
         with torch.device("meta"):
             plain = auto.from_config(model.config, dtype=torch.float32)

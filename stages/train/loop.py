@@ -45,6 +45,8 @@ from stages.train.batch import Batch, TokenizedPair, collate, read_tokenized
 from stages.train.checkpoint import keep_metrics_up_to, restore_checkpoint, save_checkpoint, save_hf_checkpoint
 from stages.train.guard import Guard
 from stages.train.logps import sequence_logps
+from stages.train.ogd import ogd_step
+from stages.train.ropo import apply_ropo, parameter_counts
 from stages.train.objectives import Objective, ObjectiveOutput, PairLogps, needs_reference, objective_for
 from stages.train.precision import fsdp_policy
 from stages.train.reward_model import is_reward_model, load_reward_backbone, pair_rewards
@@ -55,13 +57,15 @@ log = logging.getLogger("pipeline.train")
 
 # ── building blocks (also used by the FSDP equivalence test) ────────────────────────────────
 def load_policy(path: str, dtype: str, device: torch.device, activation_checkpointing: bool = False,
-                reward_model_of: Any = None):  # fmt: skip
+                reward_model_of: Any = None, parameterisation: Any = None):  # fmt: skip
     """The policy with dropout off, FSDP2-sharded under the run's precision policy
     (`stages/train/precision.py`: bf16 means bf16 compute over fp32 master weights).
     Activation checkpointing recomputes each decoder layer's activations in the backward pass:
     memory of one layer's activations instead of all, for about one more forward.
     `reward_model_of` (a tokenizer): the policy's backbone under a new reward head instead
-    (`stages/train/reward_model.py`)."""
+    (`stages/train/reward_model.py`). `parameterisation` (`train.parameterisation`): with
+    `type: ropo`, every weight frozen and the named linear layers adapted (`stages/train/ropo.py`)
+    before sharding, so FSDP2 shards the frozen weights and the angles alike."""
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
@@ -69,6 +73,8 @@ def load_policy(path: str, dtype: str, device: torch.device, activation_checkpoi
         model = load_reward_backbone(path, reward_model_of)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if parameterisation is not None and parameterisation.type == "ropo":
+        apply_ropo(model, parameterisation.modules, parameterisation.stages)
     model = disable_dropout(model.to(device))
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -321,17 +327,19 @@ def train_loop(config: dict[str, Any]) -> None:
     ref_path = config.get("ref_model", config["policy"])
     ref_chosen = ref_rejected = None
     held_refs: tuple[Tensor | None, Tensor | None] = (None, None)
-    if needs_reference(cfg.method) and ref_path != config["policy"]:
+    # OGD never loads a second model: its logged comparison loss is measured from the starting policy.
+    if needs_reference(cfg.method) and ref_path != config["policy"] and not cfg.uses_ogd:
         reference = load_policy(str(localize(ref_path)), cfg.dtype, device)
         ref_chosen, ref_rejected = reference_logps(reference, pairs, pad_id, micro, device, first_order)
         if held:
             held_refs = reference_logps(reference, held, pad_id, micro, device)
         del reference
     model = load_policy(policy_path, cfg.dtype, device, cfg.activation_checkpointing,
-                        reward_model_of=tokenizer if reward_model else None)  # fmt: skip
+                        reward_model_of=tokenizer if reward_model else None, parameterisation=cfg.parameterisation)  # fmt: skip
+    counts = parameter_counts(model)  # global numbers (a DTensor's numel is its full size); the manifest shows them
     if reward_model:
         pad_id = model.config.pad_token_id  # what its pooling skips (`pipeline/chat.reward_pad_id`)
-    if needs_reference(cfg.method) and ref_path == config["policy"]:
+    if needs_reference(cfg.method) and (ref_path == config["policy"] or cfg.uses_ogd):
         ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, micro, device, first_order)
         if held:
             held_refs = reference_logps(model, held, pad_id, micro, device)
@@ -367,13 +375,16 @@ def train_loop(config: dict[str, Any]) -> None:
         mine = micro_batches(indices, rank, world, micro)
         batches = [collate([pairs[i] for i in chunk], pad_id).to(device) for chunk in mine]
         diagnostics = {}
-        if cfg.diagnostics_every and (step % cfg.diagnostics_every == 0 or step == len(schedule) - 1):
-            diagnostics = term_grad_norms(model, batches, [refs(c) for c in mine], objective, scale=share)
-        outputs = []
-        for chunk, batch in zip(mine, batches):
-            loss, out_micro = step_loss(model, batch, *refs(chunk), objective, scale=share)
-            loss.backward()
-            outputs.append(out_micro)
+        if cfg.uses_ogd:  # the gradient is OGD's; the method's loss is only logged (its terms are OGD's two gradients)
+            outputs, diagnostics = ogd_step(model, batches, [refs(c) for c in mine], objective, scale=share)
+        else:
+            if cfg.diagnostics_every and (step % cfg.diagnostics_every == 0 or step == len(schedule) - 1):
+                diagnostics = term_grad_norms(model, batches, [refs(c) for c in mine], objective, scale=share)
+            outputs = []
+            for chunk, batch in zip(mine, batches):
+                loss, out_micro = step_loss(model, batch, *refs(chunk), objective, scale=share)
+                loss.backward()
+                outputs.append(out_micro)
         grad_norm = _clip(model, cfg.grad_clip)
         metrics = global_means(outputs, batch_size)  # identical on every rank: so is the guard's decision
         if step + 1 == config.get("inject_nan_at_step"):  # fault injection for tests (stages/train/__init__.py)
@@ -421,7 +432,8 @@ def train_loop(config: dict[str, Any]) -> None:
         writer.close()
     save_hf_checkpoint(model, tokenizer, out / "checkpoint")
     if rank == 0:
-        (out / WORKERS).write_text(json.dumps([{"rank": r, "node_id": n} for r, n in enumerate(nodes)]))
+        (out / WORKERS).write_text(json.dumps({"workers": [{"rank": r, "node_id": n} for r, n in enumerate(nodes)],
+                                               "parameters": counts}))  # fmt: skip
         upload(out, out_loc)
 
 
@@ -440,10 +452,14 @@ def resume_working_copy(out_loc: str, out: Path, resuming: bool) -> None:
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
-    """AdamW (DPO's, TRL's default) or RMSprop (the OGD paper's, seed 001 §5)."""
+    """AdamW (DPO's, TRL's default), RMSprop (the OGD paper's, seed 001 §5) or plain SGD, over the
+    trainable parameters only (RoPO's angles and magnitudes: its optimiser state is that small)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _tensorboard(out: Path, start: int = 0):
