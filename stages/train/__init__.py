@@ -157,7 +157,7 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
     for marker in working_copy(out).glob(".killed-*"):  # left by the tests' fault injection
         marker.unlink()
     return {"pairs": num_pairs, "held_out_pairs": tc.held_out_pairs, "batch_size": batch_size, "steps": steps,
-            "rows": steps, "placement": placement(run_info["workers"]),
+            "rows": steps, "placement": placement(run_info["workers"]), "parameters": run_info["parameters"],
             # printed in the stage's done line: RoPO's share is the figure its paper reports (0.0086% of an 8B model)
             "trainable_parameters": run_info["parameters"]["trainable"],
             "trainable_percent": float(f"{run_info['parameters']['trainable_percent']:.4g}")}  # fmt: skip
