@@ -131,6 +131,28 @@ def plot_training(data: RunData, out: Path, curves: tuple[tuple[str, ...], ...] 
     return _save(fig, out / name)
 
 
+def plot_he_change(geometry: dict[str, list[dict]], out: Path) -> Path | None:
+    """Per model (label → evaluate's geometry rows), the relative change of hyperspherical energy
+    per decoder layer: the mean over the layer's matrices, signed, one line per model."""
+    if not geometry:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 3.8))
+    for colour, (label, rows) in enumerate(geometry.items()):
+        layers = sorted({row["layer"] for row in rows})
+        change = [sum(r["he_relative_change"] for r in rows if r["layer"] == k) / sum(1 for r in rows if r["layer"] == k)
+                  for k in layers]  # fmt: skip
+        ax.plot(layers, change, "-o", ms=3, color=f"C{colour % 10}", label=label)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("(HE after − HE before) / HE before")
+    ax.set_title("hyperspherical energy change per layer (mean over its matrices)")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "he_change.png")
+
+
 def plot_confusion(confusion: Any, labels: list[int], names: tuple[str, str], path: Path) -> Path:
     """A heatmap of the confusion matrix with the count in each cell; rows = judge A's score."""
     import numpy as np

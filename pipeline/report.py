@@ -7,8 +7,9 @@ and plots are built from the `RunData` it returns.
 
 Sections: the config in brief; held-out evaluation (3D-properties Table 2: each round's policy,
 then its variants' checkpoints); how on-policy the data is (Table 1: the training pairs'
-log-probs under the round's policy and under each checkpoint); data (candidates, scores, pairs,
-an API judge's requests and cost); training curves; judge agreement.
+log-probs under the round's policy and under each checkpoint); methods (Table 10), OGD beside
+DPO and RoPO beside DPO (when the variants train them); held-out preference accuracy; data
+(candidates, scores, pairs, an API judge's requests and cost); training curves; judge agreement.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic import BaseModel
 from pipeline.artifacts import Location, atomic_write_text, join, localize, location, read_manifest, stage_dir, upload
 from pipeline.config import SCENARIO_SOURCES, RunConfig
 from pipeline.plots import plot_confusion  # noqa: F401  (re-exported: pipeline/compare.py imports it from here)
-from pipeline.plots import DIAGNOSTIC_CURVES, plot_logps, plot_scores, plot_training
+from pipeline.plots import DIAGNOSTIC_CURVES, plot_he_change, plot_logps, plot_scores, plot_training
 
 # evaluate's part for the round's own policy (`round-K/evaluate/policy/`); variants use their names
 POLICY = "policy"
@@ -33,7 +34,15 @@ POLICY = "policy"
 SOURCE_NAMES = {"policy": "policy", "reference": "solution", "other": "other model"}
 
 # train keys that say which data and how it runs, not how it learns: not listed as hyper-parameters
-_NOT_HYPER = ("scenario", "method", "num_workers", "use_gpu")
+# (the update rule and parameterisation are in the method's label)
+_NOT_HYPER = ("scenario", "method", "update", "parameterisation", "num_workers", "use_gpu")
+
+
+def method_label(train: Any) -> str:
+    """What trains a variant, in a few letters: the objective (`dpo`), or `ogd` for the OGD update
+    rule (its objective is only logged), with `+ ropo` when RoPO is the parameterisation."""
+    label = "ogd" if train.update.type == "ogd" else train.method.type
+    return f"{label} + ropo" if train.parameterisation.type == "ropo" else label
 
 
 # ── reading the run folder: the only reads ───────────────────────────────────────────────────
@@ -47,6 +56,8 @@ class RunData:
     pairs: dict[int, dict] = field(default_factory=dict)  # round → manifest stats
     metrics: dict[tuple[int, str], list[dict]] = field(default_factory=dict)  # (round, variant) → a dict per step
     evals: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, "policy" | variant) → summary.json
+    train: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, variant) → train manifest stats
+    geometry: dict[tuple[int, str], list[dict]] = field(default_factory=dict)  # (round, variant) → a row per matrix
 
 
 def _rounds(run_dir: Path, rounds: int) -> list[int]:
@@ -88,7 +99,19 @@ def load_run(run_dir: Path, cfg: RunConfig) -> RunData:
             _put(data.evals, (r, part), _json(stage_dir(run_dir, r, "evaluate") / part / "summary.json"))
         for variant in cfg.trains():
             _put(data.metrics, (r, variant), _metrics(stage_dir(run_dir, r, "train") / variant))
+            _put(data.train, (r, variant), _stats(stage_dir(run_dir, r, "train") / variant))
+            _put(data.geometry, (r, variant), _geometry(stage_dir(run_dir, r, "evaluate") / variant))
     return data
+
+
+def _geometry(evaluate_dir: Path) -> list[dict] | None:
+    """evaluate's hyperspherical energy per matrix (`geometry.parquet`), once the folder is finished."""
+    path = evaluate_dir / "geometry.parquet"
+    if read_manifest(evaluate_dir) is None or not path.is_file():
+        return None
+    import pandas as pd
+
+    return pd.read_parquet(path).to_dict("records")
 
 
 # ── cells ────────────────────────────────────────────────────────────────────────────────────
@@ -141,9 +164,10 @@ def _changed(block: BaseModel, skip: tuple[str, ...] = ("type",)) -> list[str]:
 
 def variant_brief(name: str, train: Any) -> str:
     """`s2: scenario 2 (solution × policy), dpo (beta=0.2, lr=1e-05)`: the non-default hyper-parameters."""
-    changed = _changed(train.method) + _changed(train, skip=_NOT_HYPER)
+    logged = [f"logs {train.method.type}"] if train.update.type == "ogd" else []
+    changed = logged + _changed(train.method) + _changed(train.parameterisation) + _changed(train, skip=_NOT_HYPER)
     hyper = f" ({', '.join(changed)})" if changed else ""
-    return f"{name}: scenario {train.scenario} ({sides(train.scenario)}), {train.method.type}{hyper}"
+    return f"{name}: scenario {train.scenario} ({sides(train.scenario)}), {method_label(train)}{hyper}"
 
 
 def _sampler_brief(sampler: Any) -> str:
@@ -194,7 +218,7 @@ def eval_rows(cfg: RunConfig, data: RunData) -> list[dict[str, Any]]:
         for name, tc in cfg.policy_trains().items():
             summary = data.evals.get((r, name))
             rows.append({"round": r, "part": name, "model": f"round-{r}/{name}", "scenario": tc.scenario,
-                         "method": tc.method.type, "summary": summary, "delta": _delta(summary, base)})  # fmt: skip
+                         "method": method_label(tc), "summary": summary, "delta": _delta(summary, base)})  # fmt: skip
     return rows
 
 
@@ -213,7 +237,7 @@ def methods_section(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
     """The paper's Table 10 (method × 5 points × 4&5 points, base model first), one per round,
     when the run's variants train more than one method."""
     trains = cfg.policy_trains()
-    if len({tc.method.type for tc in trains.values()}) < 2:
+    if len({method_label(tc) for tc in trains.values()}) < 2:
         return []
     parts = ["## Methods (Table 10)", "",
              "Each method's checkpoint on the held-out prompts, the round's policy first (hyper-parameters: "
@@ -389,7 +413,7 @@ def held_out_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
             continue
         tc = trains[variant]
         judged = ((data.evals.get((r, variant)) or {}).get("preference") or {}).get("accuracy")
-        rows.append([f"r{r}/{variant}", tc.method.type, str(tc.held_out_pairs), f"{curve[0]:.2f} → {curve[-1]:.2f}",
+        rows.append([f"r{r}/{variant}", method_label(tc), str(tc.held_out_pairs), f"{curve[0]:.2f} → {curve[-1]:.2f}",
                      _num(max(curve), ".2f"), _num(_swing(curve), ".3f"), _num(judged, ".2f")])  # fmt: skip
     if not rows:
         return []
@@ -402,6 +426,98 @@ def held_out_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
             *markdown_table(["variant", "method", "held-out pairs", "accuracy first → last", "best", "swing",
                              "as a judge"], rows, "llrrrrr"), "",
             *_image(plot_training(data, out, curves, "held_out_accuracy.png"), "held-out preference accuracy")]  # fmt: skip
+
+
+# ── OGD and RoPO beside DPO (seeds 001 and 000) ─────────────────────────────────────────────
+def _plain_dpo(trains: dict[str, Any], scenario: int) -> list[str]:
+    """The variants a method is compared with: plain DPO on full weights, on the same scenario's pairs."""
+    return [n for n, tc in trains.items() if tc.scenario == scenario and tc.method.type == "dpo"
+            and tc.update.type == "plain" and tc.parameterisation.type == "full"]  # fmt: skip
+
+
+def _peak_then_last(curve: list[float]) -> str:
+    if not curve:
+        return "-"
+    peak = max(curve)
+    return f"{curve[-1]:+.2f} (peak {peak:+.2f} at step {curve.index(peak) + 1})"
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+OGD_NOTE = ("OGD (seed 001) trains on ∇NLL(chosen) projected orthogonal to ∇NLL(rejected) whenever the two "
+            "point the same way: the chosen responses' likelihood should rise while the rejected ones' does not "
+            "fall with it. It never sees DPO's loss, which is logged beside it (β = 0.1, from the starting policy) "
+            "and should still fall (the paper's Figure 6). log-ratio = logp − ref_logp of the step's pairs (0 at "
+            "step 1; > 0: more likely than under the starting policy); before → after: mean log-prob per token of "
+            "all trained pairs under the round's policy and the checkpoint. \"projected\": share of steps where "
+            "g_w·g_l > 0 and the projection fired. DPO on the same pairs, full weights, is beside it; the paper "
+            "sees DPO's chosen likelihood fall with longer training: the peak column shows whether it did here.")  # fmt: skip
+
+
+def ogd_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
+    trains = cfg.policy_trains()
+    ogd = [n for n, tc in trains.items() if tc.update.type == "ogd"]
+    if not ogd:
+        return []
+    names = list(dict.fromkeys(ogd + [d for n in ogd for d in _plain_dpo(trains, trains[n].scenario)]))
+    body = []
+    for r in data.rounds:
+        for name in names:
+            m = data.metrics.get((r, name)) or []
+            s = data.evals.get((r, name)) or {}
+            before, after = s.get("before") or {}, s.get("after") or {}
+            projected = _mean([x["ogd/projected"] for x in m if "ogd/projected" in x])
+            body.append([f"r{r}/{name}", method_label(trains[name]), str(len(m) or "-"),
+                         _peak_then_last([x["logratios/chosen"] for x in m if "logratios/chosen" in x]),
+                         _num(m[-1].get("logratios/rejected") if m else None, "+.2f"),
+                         f"{_num(m[0].get('loss') if m else None, '.4f')} → {_num(m[-1].get('loss') if m else None, '.4f')}",
+                         f"{_num(before.get('logps_per_token/chosen'), '.3f')} → {_num(after.get('logps_per_token/chosen'), '.3f')}",
+                         f"{_num(before.get('logps_per_token/rejected'), '.3f')} → {_num(after.get('logps_per_token/rejected'), '.3f')}",
+                         _num(projected, ".0%")])  # fmt: skip
+    curves = (("logratios/chosen",), ("logratios/rejected",), ("loss",))
+    subset = RunData(rounds=data.rounds, metrics={k: v for k, v in data.metrics.items() if k[1] in names})
+    return ["## OGD beside DPO (seed 001)", "", OGD_NOTE, "",
+            *markdown_table(["variant", "method", "steps", "log-ratio chosen, last step", "log-ratio rejected, last",
+                             "DPO loss (β 0.1) first → last", "chosen per token before → after",
+                             "rejected per token before → after", "projected"], body, "llrrrrrrr"), "",
+            *_image(plot_training(subset, out, curves, "ogd_vs_dpo.png"), "OGD beside DPO")]  # fmt: skip
+
+
+ROPO_NOTE = ("RoPO (seed 000) changes a layer only by rotating its inputs and stretching its neurons (W' = diag(m)·W·Rᵀ, "
+             "every other weight frozen), so the angles between neurons, and the hyperspherical energy (HE) of every "
+             "layer, stay what they were; DPO on full weights moves them. HE change: mean and largest |HE_after − "
+             "HE_before| / HE_before over every decoder-layer matrix (`evaluate/<variant>/geometry.parquet`). "
+             "Distinct-n: unique n-grams / all n-grams of the held-out answers (higher = more diverse); the "
+             "round's policy first.")  # fmt: skip
+
+
+def ropo_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
+    trains = cfg.policy_trains()
+    ropo = [n for n, tc in trains.items() if tc.parameterisation.type == "ropo"]
+    if not ropo:
+        return []
+    names = list(dict.fromkeys(ropo + [d for n in ropo for d in _plain_dpo(trains, trains[n].scenario)]))
+
+    def distinct_cells(s: dict) -> list[str]:
+        return [_num(s.get(f"distinct_{n}"), ".3f") for n in range(1, 5)]
+
+    body = []
+    for r in data.rounds:
+        body.append([f"r{r}/{POLICY}", "", "", "", "", *distinct_cells(data.evals.get((r, POLICY)) or {})])
+        for name in names:
+            s = data.evals.get((r, name)) or {}
+            geometry = s.get("geometry") or {}
+            share = (data.train.get((r, name)) or {}).get("trainable_percent")
+            body.append([f"r{r}/{name}", method_label(trains[name]), _num(share, ".4g") + ("%" if share is not None else ""),
+                         _num(geometry.get("he_mean_abs_relative_change"), ".2e"),
+                         _num(geometry.get("he_max_abs_relative_change"), ".2e"), *distinct_cells(s)])  # fmt: skip
+    geometry = {f"r{r}/{n}": rows for (r, n), rows in data.geometry.items() if n in names}
+    return ["## RoPO beside DPO (seed 000)", "", ROPO_NOTE, "",
+            *markdown_table(["model", "method", "trainable", "HE change, mean", "HE change, max", "distinct-1",
+                             "distinct-2", "distinct-3", "distinct-4"], body, "llrrrrrrr"), "",
+            *_image(plot_he_change(geometry, out), "hyperspherical energy change per layer")]  # fmt: skip
 
 
 # ── plots (drawn in pipeline/plots.py) ──────────────────────────────────────────────────────
@@ -484,7 +600,8 @@ def write_report(cfg: RunConfig, run_dir: Location) -> Location:
     parts = [*header(cfg), "", "## Held-out evaluation (greedy, judged 1-5)", "", *eval_table(rows), "", EVAL_NOTE, "",
              *unscored_note(rows), *_image(plot_scores(rows, out), "held-out scores"),
              *onpolicy_section(cfg, data), *_image(plot_logps(cfg, data, out), "log-probs before and after training"),
-             *methods_section(cfg, rows), *held_out_section(cfg, data, out), *data_section(cfg, data),
+             *methods_section(cfg, rows), *ogd_section(cfg, data, out), *ropo_section(cfg, data, out),
+             *held_out_section(cfg, data, out), *data_section(cfg, data),
              "## Training", "", *_image(plot_training(data, out), "training curves"), *training_lines(data), "",
              "3D diagnostics (seed 003 Figure 10): per-token log-probs, |∂L/∂logp| per pair, and the parameter-gradient "
              "norms of the chosen and rejected terms.", "",

@@ -22,8 +22,8 @@ RUN_KEYS = ["data", "evaluate", "judge", "name", "next_round", "other_sampler", 
 TRAIN_KEYS = [
     "activation_checkpointing", "batch_size", "checkpoint_every", "diagnostics_every", "dtype", "epochs", "eval_every",
     "grad_clip", "guard", "held_out_pairs", "lr", "lr_schedule", "max_failures", "max_length", "max_steps", "method", "micro_batch_size", "num_workers", "optimizer",
-    "placement_strategy", "resources_per_worker",
-    "scenario", "seed", "use_gpu", "warmup_steps", "weight_decay",
+    "parameterisation", "placement_strategy", "resources_per_worker",
+    "scenario", "seed", "update", "use_gpu", "warmup_steps", "weight_decay",
 ]  # fmt: skip
 
 
@@ -304,3 +304,34 @@ def test_a_reward_model_variant_cannot_be_sampled_from_nor_guarded():
         RunConfig(train={"method": {"type": "reward_model"}, "guard": {}})
     assert RunConfig(variants={"rm": {"method": {"type": "reward_model", "center_rewards_coefficient": 0.01}}}).trains()[
         "rm"].method.center_rewards_coefficient == 0.01
+
+
+# ── update rules and parameterisations ─────────────────────────────────────────────────────────
+def test_update_and_parameterisation_default_to_plain_full_and_take_their_keys(write):
+    cfg = load_config(write(""))
+    assert (cfg.train.update.type, cfg.train.parameterisation.type) == ("plain", "full")
+    cfg = load_config(write("train: {update: {type: ogd}, parameterisation: {type: ropo, modules: [q_proj], stages: 3}}"))
+    assert cfg.train.uses_ogd and cfg.train.parameterisation.modules == ["q_proj"] and cfg.train.parameterisation.stages == 3
+    assert cfg.train.method.type == "dpo"  # under OGD: the loss logged for comparison
+    line = _line_for(_error(write("train: {parameterisation: {type: ropo, modulez: [q_proj]}}")), "train.parameterisation.modulez")
+    assert "unknown key" in line and "modules" in line and "stages" in line
+    assert "ogd" in _error(write("train: {update: {type: sgd}}"))
+
+
+def test_a_variant_swaps_the_update_rule_and_parameterisation_whole(write):
+    text = ("train: {parameterisation: {type: ropo, modules: [v_proj]}}\n"
+            "variants: {full: {parameterisation: {type: full}}, ogd: {update: {type: ogd}, optimizer: rmsprop}, "
+            "ropo: {parameterisation: {stages: 1}}}")  # fmt: skip
+    trains = load_config(write(text)).trains()
+    assert trains["full"].parameterisation.type == "full"  # no stray `modules` from the base
+    assert trains["ogd"].uses_ogd and trains["ogd"].optimizer == "rmsprop" and trains["ogd"].parameterisation.type == "ropo"
+    assert trains["ropo"].parameterisation.modules == ["v_proj"] and trains["ropo"].parameterisation.stages == 1
+
+
+@pytest.mark.parametrize("train,message", [
+    ("{method: {type: reward_model}, update: {type: ogd}}", "reward_model trains a new reward head"),
+    ("{method: {type: reward_model}, parameterisation: {type: ropo}}", "reward_model trains a new reward head"),
+    ("{update: {type: ogd}, guard: {}}", "under update: ogd the loss is only logged"),
+])  # fmt: skip
+def test_combinations_that_cannot_work_are_named(write, train, message):
+    assert message in _error(write(f"train: {train}"))

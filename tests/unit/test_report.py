@@ -367,3 +367,89 @@ def test_held_out_accuracy_puts_the_reward_model_beside_dpo_and_keeps_it_out_of_
 def test_no_held_out_section_without_held_out_metrics(run_dir):
     report = _report(run_dir)
     assert "Held-out preference accuracy" not in report and not (run_dir / "report/held_out_accuracy.png").exists()
+
+
+# ── OGD and RoPO beside DPO ──────────────────────────────────────────────────────────────────
+OGD_ROPO_CFG = RunConfig(name="m", variants={
+    "dpo": {"method": {"type": "dpo"}},
+    "ogd": {"update": {"type": "ogd"}, "optimizer": "rmsprop"},
+    "ropo": {"parameterisation": {"type": "ropo", "modules": ["q_proj", "up_proj"]}, "lr": 1e-3},
+})  # fmt: skip
+
+
+def _method_steps(chosen: list[float], projected: list[float] | None = None) -> list[dict]:
+    out = []
+    for i, c in enumerate(chosen):
+        line = {"step": i + 1, "loss": 0.6931 - 0.01 * i, "logps/chosen": -50.0, "logps/rejected": -60.0,
+                "logratios/chosen": c, "logratios/rejected": -0.5 * i, "rewards/margins": 0.0, "rewards/accuracies": 0.5}  # fmt: skip
+        if projected is not None:
+            line |= {"ogd/projected": projected[i], "ogd/coefficient": 0.3 * projected[i], "ogd/dot": projected[i] - 0.5}
+        out.append(line)
+    return out
+
+
+def _geometry_rows(change: float) -> list[dict]:
+    return [{"layer": k, "module": m, "rows": 4, "cols": 4, "he_before": 10.0, "he_after": 10.0 * (1 + change * k),
+             "he_relative_change": change * k} for k in range(3) for m in ("self_attn.q_proj", "mlp.up_proj")]  # fmt: skip
+
+
+@pytest.fixture
+def methods_run(tmp_path: Path) -> Path:
+    import pandas as pd
+
+    run = tmp_path / "run"
+    train, evaluate = run / "round-0/train", run / "round-0/evaluate"
+    _write(train / "dpo/metrics.jsonl", _method_steps([0.0, 0.4, 0.9, 0.2]))
+    _write(train / "ogd/metrics.jsonl", _method_steps([0.0, 0.3, 0.6, 1.1], projected=[1.0, 0.0, 1.0, 1.0]))
+    _write(train / "ropo/metrics.jsonl", _method_steps([0.0, 0.1, 0.2, 0.3]))
+    _stats(run, 0, "train/ropo", {"steps": 4, "trainable_parameters": 92160, "trainable_percent": 0.06851})
+    _stats(run, 0, "train/dpo", {"steps": 4, "trainable_parameters": 134515008, "trainable_percent": 100.0})
+    _write(evaluate / "policy/summary.json", _held_out(0.25, 0.5, 3.0, 90.0) | {"distinct_1": 0.5, "distinct_2": 0.6,
+                                                                                "distinct_3": 0.7, "distinct_4": 0.8})  # fmt: skip
+    for name, change, before, after in (("dpo", 2e-3, (-0.5, -0.75), (-0.6, -1.5)), ("ogd", 0.0, (-0.5, -0.75), (-0.4, -0.74)),
+                                        ("ropo", 1e-9, (-0.5, -0.75), (-0.5, -0.8))):  # fmt: skip
+        summary = _variant(0.375, 0.625, 3.4, 80.0, name, 1, before, after)
+        summary |= {"distinct_1": 0.25, "distinct_2": 0.5, "distinct_3": 0.625, "distinct_4": 0.75,
+                    "geometry": {"matrices": 6, "he_mean_abs_relative_change": change, "he_max_abs_relative_change": 2 * change}}
+        _write(evaluate / name / "summary.json", summary)
+        _stats(run, 0, f"evaluate/{name}", {"rows": 8})
+        pd.DataFrame(_geometry_rows(change)).to_parquet(evaluate / name / "geometry.parquet")
+    return run
+
+
+def test_methods_are_labelled_by_update_rule_and_parameterisation(methods_run):
+    report = _report(methods_run, OGD_ROPO_CFG)
+    table = _section(report, "Methods (Table 10)")
+    assert "| ogd (ogd) |" in table and "| dpo + ropo (ropo) |" in table and "| dpo (dpo) |" in table
+    variants = next(line for line in report.splitlines() if line.startswith("- variants:"))
+    assert "ogd: scenario 1 (policy × policy), ogd (logs dpo, optimizer=rmsprop)" in variants
+    assert "ropo: scenario 1 (policy × policy), dpo + ropo (modules=['q_proj', 'up_proj'], lr=0.001)" in variants
+
+
+def test_ogd_section_puts_ogd_beside_dpo_with_the_rules_numbers_and_a_plot(methods_run):
+    report = _report(methods_run, OGD_ROPO_CFG)
+    section = _section(report, "OGD beside DPO (seed 001)")
+    rows = [line for line in section.splitlines() if line.startswith("| r0/")]
+    assert rows == [
+        "| r0/ogd | ogd | 4 | +1.10 (peak +1.10 at step 4) | -1.50 | 0.6931 → 0.6631 | -0.500 → -0.400 | -0.750 → -0.740 | 75% |",
+        "| r0/dpo | dpo | 4 | +0.20 (peak +0.90 at step 3) | -1.50 | 0.6931 → 0.6631 | -0.500 → -0.600 | -0.750 → -1.500 | - |",
+    ]  # the RoPO variant is not compared here: it is neither OGD nor plain DPO
+    assert "![OGD beside DPO](ogd_vs_dpo.png)" in section
+    assert (methods_run / "report" / "ogd_vs_dpo.png").stat().st_size > 10_000
+
+
+def test_ropo_section_shows_trainable_share_energy_change_and_diversity(methods_run):
+    section = _section(_report(methods_run, OGD_ROPO_CFG), "RoPO beside DPO (seed 000)")
+    rows = [line for line in section.splitlines() if line.startswith("| r0/")]
+    assert rows == [
+        "| r0/policy |  |  |  |  | 0.500 | 0.600 | 0.700 | 0.800 |",
+        "| r0/ropo | dpo + ropo | 0.06851% | 1.00e-09 | 2.00e-09 | 0.250 | 0.500 | 0.625 | 0.750 |",
+        "| r0/dpo | dpo | 100% | 2.00e-03 | 4.00e-03 | 0.250 | 0.500 | 0.625 | 0.750 |",
+    ]
+    assert "![hyperspherical energy change per layer](he_change.png)" in section
+    assert (methods_run / "report" / "he_change.png").stat().st_size > 10_000
+
+
+def test_no_ogd_or_ropo_section_without_such_variants(run_dir):
+    report = _report(run_dir)
+    assert "OGD beside DPO" not in report and "RoPO beside DPO" not in report
