@@ -14,12 +14,17 @@ Every worker runs `train_loop`. The recipe:
    (`stages/train/objectives.py`, chosen with `train.method.type`) on each and backpropagates the
    sum of its losses over the share: gradient accumulation gives the update of one big batch, and
    FSDP averages the gradients over workers, so the update equals the single-process update on
-   the whole global batch; a reference-free method (SimPO, SLiC) skips step 2;
+   the whole global batch; a reference-free method (SimPO, SLiC) skips step 2. The update rule
+   `train.update: {type: ogd}` replaces the objective's backward pass by OGD's two
+   (`stages/train/ogd.py`: ∇NLL of each side, accumulated, projected once per step over the whole
+   parameter vector); the objective is then only logged. The parameterisation
+   `train.parameterisation: {type: ropo}` freezes every weight and trains rotations and
+   magnitudes of the named layers (`stages/train/ropo.py`), applied in step 1 before sharding;
 4. rank 0 logs TRL-named metrics (global means) plus the 3D diagnostics — per-token logps,
    |∂L/∂logp(y±)|, and every `diagnostics_every` steps the chosen and rejected terms' parameter-
    gradient norms (`term_grad_norms`) — and, with `held_out_pairs`, the metrics on pairs never
    trained on (`held_out_metrics`) to `metrics.jsonl` and TensorBoard, with a progress bar;
-5. the full state dict is gathered to rank 0 and saved as a plain HF folder.
+5. the full state dict is gathered to rank 0 and saved as a plain HF folder (RoPO merged in).
 
 A reward model (`method: {type: reward_model}`) runs the same recipe: its "log-probs" are the
 head's rewards (`policy_logps`), its objective Bradley–Terry, and it has no reference pass.
