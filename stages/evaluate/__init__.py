@@ -101,7 +101,9 @@ def logp_summary(lp: pd.DataFrame) -> dict[str, float]:
 def layer_geometry(before: str, after: str) -> list[dict]:
     """Hyperspherical energy of every decoder-layer matrix of two models (`geometry.layer_energies`),
     on the node that holds their copies."""
-    return layer_energies(read_weights(str(localize(before))), read_weights(str(localize(after))))
+    import torch
+
+    return layer_energies(read_weights(str(localize(before))), read_weights(str(localize(after))), dtype=torch.float32)
 
 
 def geometry_summary(geometry: pd.DataFrame) -> dict[str, float]:
