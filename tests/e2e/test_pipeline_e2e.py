@@ -3,7 +3,8 @@
 1. `python -m pipeline run configs/tiny.yaml` is killed (SIGKILL, whole process group) while the
    train stage is running;
 2. the same command again finishes: finished stages are skipped, train re-runs from scratch,
-   the row counts are those of the config and no row is duplicated;
+   the row counts are those of the config and no row is duplicated, and its whole output has no
+   traceback and no warning a user cannot act on (`tests/helpers/quiet.py`);
 3. the artifacts are checked: layout, manifests, TRL pair columns, metrics, a checkpoint that
    transformers loads, the report;
 4. a third run skips everything;
@@ -27,6 +28,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from tests.helpers.quiet import noisy_lines, user_env
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.e2e
@@ -37,7 +40,7 @@ def _cli(run_dir: Path, *args: str) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=user_env())
 
 
 def _kill_when(cmd: list[str], ready, timeout: float = 600) -> None:
@@ -79,6 +82,9 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     assert "round 0 train/s1: running" in log
     assert not list(round0.rglob(".*.tmp-*")) and not list(round0.rglob(".*.partial-*")), "temporary folders left behind"
     assert json.loads((round0 / "sample" / "policy" / "_manifest.json").read_text()) == sample_manifest
+    # a run that succeeds is quiet: train (Ray Train) and evaluate (vLLM engines, started and torn down)
+    noisy = noisy_lines(result.stdout + result.stderr)
+    assert not noisy, "\n".join(noisy)
 
     # 3. artifacts
     candidates = pd.read_parquet(round0 / "sample" / "policy")
