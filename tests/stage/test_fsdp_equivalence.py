@@ -1,5 +1,6 @@
 """The DPO step on 2 FSDP workers equals the step on 1 worker for the same global batch, and a
-step accumulated over micro-batches equals the step on the whole batch.
+step accumulated over micro-batches equals the step on the whole batch; the same for OGD's update
+rule and RoPO's parameterisation (below).
 
 Both runs use the real building blocks of `stages/train/loop.py` inside a Ray Train
 `TorchTrainer` (gloo, CPU): `load_policy` (FSDP2), `reference_logps`, `step_loss`,
@@ -9,6 +10,17 @@ log-probs get per-pair offsets. The single-worker result is also checked against
 computation in the test process that does not use the FSDP building blocks — which also gives
 the chosen and rejected terms' gradient norms (autograd through logp(y+) alone, logp(y−) alone)
 that `term_grad_norms` reports from the objective's closed form.
+
+OGD and RoPO run in the same Ray Train launches (`ogd_ropo_part`, on 1 worker with one micro-batch
+of 4 and on 2 workers with micro-batches of 1), through the loop's own blocks (`load_policy`,
+`ogd_step`, `make_optimizer`, `save_hf_checkpoint`):
+- OGD: the projected gradient of the global batch is the same on 1 and 2 workers (accumulation
+  and the all-reduced dot product and norm at once) to 1e-6, and equals a float64 single-process
+  computation (autograd per side, projection by the unit vector of g_l) sharing no code with
+  `ogd_step`;
+- RoPO: three SGD steps of DPO on q_proj/v_proj rotations give the same merged weights on 1 and 2
+  workers; the exported HF checkpoint is a plain model whose neurons keep their angles;
+- OGD × RoPO: the rule projects over the rotation parameters only (the trainable vector).
 """
 
 from __future__ import annotations
@@ -122,25 +134,82 @@ def fsdp_step_worker(config: dict) -> None:
             continue
         grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu().clone()
     without_grad = [name for name, p in params_after_reference if p.grad is None]
+    if config.get("ogd_ropo"):
+        ogd_ropo_part(config, pairs, tokenizer, chunks, share, device)
     if rank == 0:
         torch.save({"world": world, "local_loss": loss, "metrics": metrics, "grads": grads,
                     "without_grad": without_grad, "term_norms": term_norms}, config["result"])  # fmt: skip
     dist.barrier()
 
 
-def _run(tiny_llama: Path, workers: int, tmp_path: Path, micro: int | None = None) -> dict:
+def ogd_ropo_part(config: dict, pairs, tokenizer, chunks, share: int, device) -> None:
+    """OGD (full weights and RoPO) on this worker's micro-batches, then three RoPO DPO steps and the
+    HF export; rank 0 saves the results in `config["ogd_ropo"]`."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from pipeline.config import RoPOParameterisation
+    from stages.train.batch import collate
+    from stages.train.checkpoint import save_hf_checkpoint
+    from stages.train.loop import load_policy, make_optimizer, reference_logps, step_loss
+    from stages.train.objectives import dpo
+    from stages.train.ogd import ogd_step
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pad_id = tokenizer.pad_token_id
+    batches = [collate([pairs[i] for i in chunk], pad_id).to(device) for chunk in chunks]
+    objective = lambda lp: dpo(lp, beta=0.1)  # noqa: E731
+
+    def full(t):
+        return None if t is None else (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+
+    result = {"world": world}
+    ropo = RoPOParameterisation(modules=["q_proj", "v_proj"], stages=2)
+    for name, parameterisation in (("full", None), ("ropo", ropo)):
+        model = load_policy(config["policy"], "float32", device, parameterisation=parameterisation)
+        ref_c, ref_r = reference_logps(model, pairs, pad_id, 1, device)
+        model.train()
+        outs, stats = ogd_step(model, batches, [(ref_c[c], ref_r[c]) for c in chunks], objective, scale=share)
+        result[f"ogd_{name}"] = {"stats": stats, "loss": sum(float(o.losses.sum()) for o in outs),
+                                 "grads": {n: full(p.grad) for n, p in model.named_parameters() if p.requires_grad}}  # fmt: skip
+        model.zero_grad(set_to_none=True)
+
+    class Cfg:  # make_optimizer's fields
+        optimizer, lr, weight_decay = "sgd", 0.5, 0.0
+
+    optimizer = make_optimizer(model, Cfg)  # the RoPO model: angles and magnitudes only
+    result["optimised"] = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    for _ in range(3):
+        for chunk, batch in zip(chunks, batches):
+            loss, _ = step_loss(model, batch, ref_c[chunk], ref_r[chunk], objective, scale=share)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    save_hf_checkpoint(model, tokenizer, Path(config["ogd_ropo"]) / "checkpoint")
+    if rank == 0:
+        torch.save(result, Path(config["ogd_ropo"]) / "result.pt")
+    dist.barrier()
+
+
+def _run(tiny_llama: Path, workers: int, tmp_path: Path, micro: int | None = None, ogd_ropo: bool = False) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     result = tmp_path / f"result-w{workers}-m{micro}.pt"
+    out = tmp_path / f"ogd-ropo-w{workers}-m{micro}"
+    out.mkdir()
     trainer = TorchTrainer(
         fsdp_step_worker,
-        train_loop_config={"policy": str(tiny_llama), "pairs": PAIRS, "result": str(result), "micro": micro},
+        train_loop_config={"policy": str(tiny_llama), "pairs": PAIRS, "result": str(result), "micro": micro,
+                           "ogd_ropo": str(out) if ogd_ropo else None},  # fmt: skip
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
         run_config=RunConfig(name=f"fsdp-w{workers}-m{micro}", storage_path=str(tmp_path / "ray-train")),
     )
     trainer.fit()
-    return torch.load(result, weights_only=False)
+    loaded = torch.load(result, weights_only=False)
+    if ogd_ropo:
+        loaded["ogd_ropo"] = {**torch.load(out / "result.pt", weights_only=False), "checkpoint": out / "checkpoint"}
+    return loaded
 
 
 def _plain_float64(tiny_llama: Path) -> dict:
@@ -197,7 +266,7 @@ def test_pairs_have_different_lengths(tiny_llama):
 def steps(tiny_llama, ray_local, tmp_path_factory) -> dict[int, dict]:
     """The same step on 1 and on 2 workers, each in a fresh TorchTrainer run."""
     tmp_path = tmp_path_factory.mktemp("fsdp-equivalence")
-    return {workers: _run(tiny_llama, workers, tmp_path) for workers in (1, 2)}
+    return {1: _run(tiny_llama, 1, tmp_path, ogd_ropo=True), 2: _run(tiny_llama, 2, tmp_path)}
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +274,7 @@ def accumulated(tiny_llama, ray_local, tmp_path_factory) -> dict[int, dict]:
     """The same global batch of 4 accumulated over micro-batches: 1 worker × 2 micro-batches of 2,
     and 2 workers × 2 micro-batches of 1."""
     tmp_path = tmp_path_factory.mktemp("accumulation")
-    return {1: _run(tiny_llama, 1, tmp_path, micro=2), 2: _run(tiny_llama, 2, tmp_path, micro=1)}
+    return {1: _run(tiny_llama, 1, tmp_path, micro=2), 2: _run(tiny_llama, 2, tmp_path, micro=1, ogd_ropo=True)}
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -275,3 +344,92 @@ def test_term_grad_norms_match_autograd_through_each_side(steps, accumulated, ti
     for run in (steps[1], steps[2], accumulated[1], accumulated[2]):
         for name, value in want.items():
             assert run["term_norms"][name] == pytest.approx(value, rel=1e-3), (run["world"], name)
+
+
+# ── OGD and RoPO (see the module docstring) ─────────────────────────────────────────────────
+@pytest.fixture(scope="module")
+def runs(steps, accumulated) -> dict[int, dict]:
+    """1 worker, one micro-batch of 4; 2 workers, micro-batches of 1."""
+    return {1: steps[1]["ogd_ropo"], 2: accumulated[2]["ogd_ropo"]}
+
+
+def _float64_ogd(tiny_llama: Path) -> dict[str, torch.Tensor]:
+    """g_w, g_l by autograd in float64, one sequence at a time, and g_w − (g_w·u)u with u = g_l/‖g_l‖."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.train.batch import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
+    pairs = [tokenize_pair(tokenizer, row, MAX_LENGTH) for row in PAIRS]
+    names, params = zip(*model.named_parameters())
+
+    def logp(prompt, response):
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + response])).logits[0], dim=-1)
+        return sum(logprobs[len(prompt) + k - 1, tok] for k, tok in enumerate(response))
+
+    def flat_grad(side: str) -> torch.Tensor:
+        nll = -torch.stack([logp(p.prompt, getattr(p, side)) for p in pairs]).mean()
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(nll, params)])
+
+    g_w, g_l = flat_grad("chosen"), flat_grad("rejected")
+    u = g_l / g_l.norm()
+    g = g_w - (g_w @ u) * u if g_w @ g_l > 0 else g_w
+    out, offset = {}, 0
+    for name, p in zip(names, params):
+        out[name] = g[offset : offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
+    return {"grads": out, "dot": float(g_w @ g_l), "norm_w": float(g_w.norm()), "norm_l": float(g_l.norm())}
+
+
+def test_ogd_gradient_is_the_same_on_one_and_two_workers(runs):
+    one, two = runs[1], runs[2]
+    assert (one["world"], two["world"]) == (1, 2)
+    for kind in ("ogd_full", "ogd_ropo"):
+        a, b = one[kind], two[kind]
+        assert a["stats"]["ogd/projected"] == 1.0, f"{kind}: the projection must fire for the test to mean something"
+        for key, value in a["stats"].items():
+            assert b["stats"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (kind, key)
+        assert a["grads"].keys() == b["grads"].keys()
+        for name, g in a["grads"].items():
+            assert float((g - b["grads"][name]).abs().max()) <= 1e-6, (kind, name)
+
+
+def test_ogd_gradient_equals_a_float64_single_process_computation(runs, tiny_llama):
+    want = _float64_ogd(tiny_llama)
+    got = runs[1]["ogd_full"]
+    assert got["stats"]["ogd/dot"] == pytest.approx(want["dot"], rel=1e-4)
+    assert got["stats"]["ogd/grad_norm_chosen"] == pytest.approx(want["norm_w"], rel=1e-4)
+    assert got["stats"]["ogd/grad_norm_rejected"] == pytest.approx(want["norm_l"], rel=1e-4)
+    assert got["grads"].keys() == want["grads"].keys()
+    for name, g64 in want["grads"].items():
+        torch.testing.assert_close(got["grads"][name].double(), g64, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_ogd_under_ropo_projects_over_the_rotations_only(runs):
+    grads = runs[1]["ogd_ropo"]["grads"]
+    assert grads and all(name.endswith(("angles", "magnitude")) for name in grads)
+    assert all(g is not None and float(g.abs().max()) > 0 for g in grads.values())
+
+
+def test_ropo_steps_match_on_one_and_two_workers_and_export_a_plain_model(runs, tiny_llama):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from stages.evaluate.geometry import neuron_cosines
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).state_dict()
+    one, two = (load_file(runs[w]["checkpoint"] / "model.safetensors") for w in (1, 2))
+    # 2 layers × (q, v) × (angles: 2 stages × 2 sweeps × 128/2 pairs, magnitudes: 128 outputs)
+    assert runs[1]["optimised"] == runs[2]["optimised"] == 2 * 2 * (256 + 128)
+    assert one.keys() == two.keys() and not any(k.endswith(("angles", "magnitude")) for k in one)
+    AutoModelForCausalLM.from_pretrained(runs[2]["checkpoint"])  # a plain HF folder
+    moved = 0
+    for key, w in one.items():
+        assert float((w - two[key]).abs().max()) <= 1e-7, key  # (seen: 4e-9, where the steps moved them 1e-5 to 2e-3)
+        if key.endswith(("q_proj.weight", "v_proj.weight")):
+            moved += float((w - base[key]).abs().max()) > 5e-6
+            assert float((neuron_cosines(w) - neuron_cosines(base[key])).abs().max()) <= 1e-5, key
+        elif key in base:
+            assert torch.equal(w, base[key]), f"{key} is frozen under RoPO"
+    assert moved == 4, "every adapted layer must have moved"
