@@ -50,7 +50,7 @@ from stages.train.batch import Batch, TokenizedPair, collate, read_tokenized
 from stages.train.checkpoint import keep_metrics_up_to, restore_checkpoint, save_checkpoint, save_hf_checkpoint
 from stages.train.guard import Guard
 from stages.train.logps import sequence_logps
-from stages.train.ogd import ogd_step
+from stages.train.ogd import ogd_step, split_logps
 from stages.train.ropo import apply_ropo, parameter_counts
 from stages.train.objectives import Objective, ObjectiveOutput, PairLogps, needs_reference, objective_for
 from stages.train.precision import fsdp_policy
@@ -157,21 +157,25 @@ def first_appearances(batches: list[list[int]]) -> dict[int, int]:
 
 
 def reference_logps(
-    model, pairs: list[TokenizedPair], pad_id: int, micro_batch: int, device, order: list[int] | None = None
+    model, pairs: list[TokenizedPair], pad_id: int, micro_batch: int, device, order: list[int] | None = None,
+    forward=None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of every pair under the initial policy, identical on every rank.
 
     Pairs run in `reference_batches` of the first epoch's `order`: in bf16 a different padding
     width changes the kernels' rounding, so only identical batches make step 1's policy
-    log-probs equal the reference's (loss exactly ln 2).
+    log-probs equal the reference's (loss exactly ln 2). For the same reason `forward` (default
+    `policy_logps`, one forward over a batch's 2B sequences) is the one the steps use: OGD's
+    steps run each side on its own (`ogd.split_logps`), and so does its reference pass.
     """
+    forward = forward or policy_logps
     rank, world = dist.get_rank(), dist.get_world_size()
     order = list(range(len(pairs))) if order is None else list(order)
     batches = reference_batches(order, micro_batch, world)
     chosen, rejected = [], []
     with torch.no_grad():
         for indices in batches[rank::world]:
-            c, r = policy_logps(model, collate([pairs[i] for i in indices], pad_id).to(device))
+            c, r = forward(model, collate([pairs[i] for i in indices], pad_id).to(device))
             chosen.append(c.float())
             rejected.append(r.float())
     local = torch.stack([torch.cat(chosen), torch.cat(rejected)])  # [2, micro_batch × batches per rank]
@@ -345,7 +349,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if reward_model:
         pad_id = model.config.pad_token_id  # what its pooling skips (`pipeline/chat.reward_pad_id`)
     if needs_reference(cfg.method) and (ref_path == config["policy"] or cfg.uses_ogd):
-        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, micro, device, first_order)
+        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, micro, device, first_order,
+                                                   forward=split_logps if cfg.uses_ogd else None)  # fmt: skip
         if held:
             held_refs = reference_logps(model, held, pad_id, micro, device)
     if rank == 0 and ref_chosen is not None:

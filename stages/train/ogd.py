@@ -99,6 +99,13 @@ def side_logps(model, batch: Batch, side: str) -> Tensor:
     return sequence_logps(logits, input_ids, batch.loss_mask[rows])
 
 
+def split_logps(model, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(chosen logps, rejected logps) from one forward per side, as `ogd_step` computes them: the
+    reference pass of an OGD run uses it, so that in bf16 step 1's logged DPO loss is ln 2 exactly
+    (one forward over 2B rows and two over B round differently)."""
+    return side_logps(model, batch, "chosen"), side_logps(model, batch, "rejected")
+
+
 def ogd_step(model, batches: list[Batch], refs: list[tuple[Tensor | None, Tensor | None]], objective: Callable,
              scale: float) -> tuple[list[ObjectiveOutput], dict[str, float]]:  # fmt: skip
     """Leave g (above) in the trainable parameters' `.grad` for this worker's micro-batches, and

@@ -1,5 +1,5 @@
 """The train stage with `update: ogd` and `parameterisation: ropo` together (the two compose):
-Ray Train, 2 FSDP2 workers, micro-batches of 1, the tiny Llama — and the failures DPO survives:
+Ray Train, 2 FSDP2 workers, micro-batches of 1, bf16, the tiny Llama — and the failures DPO survives:
 a killed worker restored from the checkpoint, a NaN stopping the run."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pipeline.errors import UserError
 from tests.stage.test_train_stage import _lines, _train
 
 OGD_ROPO = {"batch_size": 4, "num_workers": 2, "micro_batch_size": 1, "lr": 1e-3, "epochs": 3, "checkpoint_every": 2,
-            "optimizer": "rmsprop", "update": {"type": "ogd"}, "diagnostics_every": 2,
+            "optimizer": "rmsprop", "update": {"type": "ogd"}, "diagnostics_every": 2, "dtype": "bfloat16",
             "parameterisation": {"type": "ropo", "modules": ["q_proj", "v_proj"], "stages": 2}}  # fmt: skip
 
 
@@ -35,7 +35,8 @@ def test_ogd_logs_its_rule_and_the_dpo_loss_beside_it(uninterrupted):
         assert "logps/chosen" in r and "rewards/margins" in r  # the usual metrics, of the logged method
     assert any(r["ogd/projected"] == 1.0 for r in lines), "the projection never fired: the test shows nothing"
     # The logged loss is DPO's at β = 0.1 from the starting policy: ln 2 at step 1 (RoPO starts at the
-    # reference exactly), and OGD, which never sees it, still lowers it (seed 001 Fig. 6).
+    # reference exactly; in bf16 too, as the reference pass runs OGD's own per-side forwards), and
+    # OGD, which never sees it, still lowers it (seed 001 Fig. 6).
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert lines[-1]["loss"] < math.log(2) - 1e-3
     assert lines[-1]["logratios/chosen"] > 0  # the chosen responses' likelihood rose from the reference's
