@@ -1,6 +1,7 @@
 """The train stage with `update: ogd` and `parameterisation: ropo` together (the two compose):
 Ray Train, 2 FSDP2 workers, micro-batches of 1, bf16, the tiny Llama — and the failures DPO survives:
-a killed worker restored from the checkpoint, a NaN stopping the run."""
+a killed worker restored from the checkpoint (Ray Train's restart: the test of it for every
+method, since the restore path does not depend on the method), a NaN stopping the run."""
 
 from __future__ import annotations
 

@@ -338,19 +338,9 @@ def _same_steps(got: list[dict], want: list[dict]) -> None:
             assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
 
 
-def test_a_killed_worker_restores_from_the_checkpoint_and_the_run_goes_on(uninterrupted, tiny_llama, ray_local,
-                                                                         tmp_path, monkeypatch):  # fmt: skip
-    """Rank 1's process is SIGKILLed after step 3 (checkpoints after steps 2 and 4): Ray Train
-    restarts the workers (max_failures 1), they restore model, optimiser, scheduler and step from
-    step 2's checkpoint and redo step 3 — the metrics equal the uninterrupted run's, step for step."""
-    monkeypatch.setenv("PIPELINE_TRAIN_KILL", "1:3")
-    stats, out = _train(tiny_llama, tmp_path, {**FT_TRAIN, "max_failures": 1})
-    assert stats["steps"] == 6
-    lines = _lines(out)
-    _same_steps(lines, uninterrupted)
-    assert [r.get("restored_from_step") for r in lines] == [None, None, 2, None, None, None]
-    assert not (out / ".ray-train").exists() and not list(out.glob(".killed-*"))
-    assert (out / "checkpoint" / "config.json").is_file()
+# A worker killed mid-run and restored by Ray Train (`max_failures`): tests/stage/test_train_ogd_ropo.py,
+# on the OGD update rule and RoPO parameters (the restore path is the same for every method; a
+# killed stage run again, below, restores DPO).
 
 
 def test_a_killed_train_stage_run_again_resumes_from_its_last_checkpoint(uninterrupted, tiny_llama, ray_local,
