@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from stages.evaluate.geometry import hyperspherical_energy, neuron_cosines
-from stages.train.ropo import (RoPOLinear, apply_ropo, merge_state_dict, merged_weight, parameter_counts, rotate,
-                               rotation_matrix, sweep_pairs)  # fmt: skip
+from stages.train.ropo import (RoPOLinear, apply_ropo, block_size, merge_state_dict, merged_weight, parameter_counts,
+                               rotate, rotate_blocks, rotation_matrix, sweep, sweep_blocks)  # fmt: skip
 
 
-def _givens_product(d: int, angles: torch.Tensor, pairs) -> torch.Tensor:
+def _givens_product(d: int, angles: torch.Tensor, stages) -> torch.Tensor:
     """R as the product of one dense d × d Givens matrix per rotated pair, stage by stage."""
     R = torch.eye(d, dtype=torch.float64)
     offset = 0
-    for a, b in pairs:
+    for _, _, a, b in stages:
         for k, (i, j) in enumerate(zip(a.tolist(), b.tolist())):
             G = torch.eye(d, dtype=torch.float64)
             c, s = math.cos(angles[offset + k]), math.sin(angles[offset + k])
@@ -30,33 +30,36 @@ def _givens_product(d: int, angles: torch.Tensor, pairs) -> torch.Tensor:
     return R
 
 
-@pytest.mark.parametrize("d,stages", [(8, 2), (12, 2), (7, 1), (16, 3)])
+@pytest.mark.parametrize("d,stages", [(8, 2), (12, 2), (7, 1), (16, 3), (20, 3), (24, 3)])  # (7, 1), (20, 3): no block divides d
 def test_rotation_is_the_product_of_its_givens_matrices_and_orthogonal(d, stages):
-    pairs = sweep_pairs(d, stages)
-    for a, b in pairs:  # each stage: disjoint pairs
+    pairs = sweep(d, stages)
+    for _, _, a, b in pairs:  # each stage: disjoint pairs
         assert len(set(a.tolist()) | set(b.tolist())) == 2 * len(a)
-    planes = [frozenset(p) for a, b in pairs for p in zip(a.tolist(), b.tolist())]
-    assert len(planes) == len(set(planes)), "two stages rotate in the same plane: they would merge into one"
-    angles = torch.randn(sum(len(a) for a, _ in pairs), generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    planes = [{frozenset(p) for p in zip(a.tolist(), b.tolist())} for _, _, a, b in pairs]
+    assert all(not (p & q) for p, q in zip(planes, planes[1:])), "two stages in a row share a plane: they would be one"
+    angles = torch.randn(sum(len(st.left) for st in pairs), generator=torch.Generator().manual_seed(d), dtype=torch.float64)
     R = rotation_matrix(d, angles, pairs)
     torch.testing.assert_close(R, _givens_product(d, angles, pairs), atol=1e-12, rtol=0)
     torch.testing.assert_close(R @ R.T, torch.eye(d, dtype=torch.float64), atol=1e-12, rtol=0)
     x = torch.randn(5, d, dtype=torch.float64)
     torch.testing.assert_close(rotate(x, angles, pairs, inverse=True), x @ R.T, atol=1e-12, rtol=0)
+    if block_size(d, pairs):  # the layer's fast path: the two sweeps as blocks
+        forward, reverse = sweep_blocks(d, angles, pairs)
+        torch.testing.assert_close(rotate_blocks(x, forward, reverse, pairs[len(pairs) // 2].shift), x @ R, atol=1e-12, rtol=0)
 
 
 def test_every_coordinate_is_rotated_in_both_sweeps():
-    pairs = sweep_pairs(64, 2)
+    pairs = sweep(64, 2)
     assert len(pairs) == 4
-    for a, b in pairs:
+    for _, _, a, b in pairs:
         assert sorted(a.tolist() + b.tolist()) == list(range(64))
 
 
 def test_merged_weight_is_diag_m_w_r_transposed():
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(6, 8, generator=gen, dtype=torch.float64)
-    pairs = sweep_pairs(8, 2)
-    angles = torch.randn(sum(len(a) for a, _ in pairs), generator=gen, dtype=torch.float64)
+    pairs = sweep(8, 2)
+    angles = torch.randn(sum(len(st.left) for st in pairs), generator=gen, dtype=torch.float64)
     m = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
     torch.testing.assert_close(merged_weight(W, angles, m, pairs), torch.diag(m) @ W @ rotation_matrix(8, angles, pairs).T,
                                atol=1e-12, rtol=0)  # fmt: skip
