@@ -453,7 +453,8 @@ OGD_NOTE = ("OGD (seed 001) trains on ∇NLL(chosen) projected orthogonal to ∇
             "step 1; > 0: more likely than under the starting policy); before → after: mean log-prob per token of "
             "all trained pairs under the round's policy and the checkpoint. \"projected\": share of steps where "
             "g_w·g_l > 0 and the projection fired. DPO on the same pairs, full weights, is beside it; the paper "
-            "sees DPO's chosen likelihood fall with longer training: the peak column shows whether it did here.")  # fmt: skip
+            "sees DPO's chosen likelihood fall with longer training: the peak column shows whether it did here. "
+            "In the plot, variants that differ only in their number of steps draw the same first steps.")  # fmt: skip
 
 
 def ogd_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
