@@ -48,7 +48,7 @@ def run_side(args, model_path: str) -> dict:
     from stages.train.batch import collate, tokenize_pair
     from stages.train.loop import _clip, batch_schedule, epoch_order, global_means, load_policy, make_optimizer, reference_logps, step_loss
     from stages.train.objectives import dpo
-    from stages.train.ogd import ogd_step
+    from stages.train.ogd import ogd_step, split_logps
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
@@ -66,7 +66,8 @@ def run_side(args, model_path: str) -> dict:
         rows = base.build_rows(args.pairs, tokenizer if args.seq_len else None, args.seq_len)
         pairs = [tokenize_pair(tokenizer, row, args.seq_len or 384) for row in rows]
         model = load_policy(model_path, cfg.dtype, device, parameterisation=ropo)
-        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, cfg.batch_size, device, epoch_order(len(pairs), 0, 0))
+        ref_chosen, ref_rejected = reference_logps(model, pairs, pad_id, cfg.batch_size, device, epoch_order(len(pairs), 0, 0),
+                                                   forward=split_logps if args.side == "ogd" else None)  # as train_loop
         optimizer = make_optimizer(model, cfg)
         objective = lambda lp: dpo(lp, beta=0.1)  # noqa: E731
         trainable = [p for p in model.parameters() if p.requires_grad]
