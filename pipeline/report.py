@@ -429,10 +429,13 @@ def held_out_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
 
 
 # ── OGD and RoPO beside DPO (seeds 001 and 000) ─────────────────────────────────────────────
-def _plain_dpo(trains: dict[str, Any], scenario: int) -> list[str]:
-    """The variants a method is compared with: plain DPO on full weights, on the same scenario's pairs."""
-    return [n for n, tc in trains.items() if tc.scenario == scenario and tc.method.type == "dpo"
-            and tc.update.type == "plain" and tc.parameterisation.type == "full"]  # fmt: skip
+def _beside_dpo(trains: dict[str, Any], selected: list[str]) -> list[str]:
+    """The `selected` variants, then those they are compared with: plain DPO on full weights on the
+    same scenarios' pairs."""
+    scenarios = {trains[n].scenario for n in selected}
+    dpo = [n for n, tc in trains.items() if tc.scenario in scenarios and tc.method.type == "dpo"
+           and tc.update.type == "plain" and tc.parameterisation.type == "full"]  # fmt: skip
+    return list(dict.fromkeys(selected + dpo))
 
 
 def _peak_then_last(curve: list[float]) -> str:
@@ -462,7 +465,7 @@ def ogd_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
     ogd = [n for n, tc in trains.items() if tc.update.type == "ogd"]
     if not ogd:
         return []
-    names = list(dict.fromkeys(ogd + [d for n in ogd for d in _plain_dpo(trains, trains[n].scenario)]))
+    names = _beside_dpo(trains, ogd)
     body = []
     for r in data.rounds:
         for name in names:
@@ -499,7 +502,7 @@ def ropo_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
     ropo = [n for n, tc in trains.items() if tc.parameterisation.type == "ropo"]
     if not ropo:
         return []
-    names = list(dict.fromkeys(ropo + [d for n in ropo for d in _plain_dpo(trains, trains[n].scenario)]))
+    names = _beside_dpo(trains, ropo)
 
     def distinct_cells(s: dict) -> list[str]:
         return [_num(s.get(f"distinct_{n}"), ".3f") for n in range(1, 5)]
