@@ -2,8 +2,9 @@
 
 1. `configs/tiny_scenarios.yaml`: policy, dataset and stand-in other model are sampled and judged
    once; four pair sets → four trainings → four evaluations (+ the policy's own) → the report's
-   Table 1 and Table 2 sections; the stand-in's samples are measurably off-policy; the run's whole
-   output has no traceback and no warning a user cannot act on (`tests/helpers/quiet.py`).
+   Table 1 and Table 2 sections; the stand-in's samples are measurably off-policy; OGD on RoPO's
+   rotations trains beside s1 and the report has its sections; the run's whole output has no
+   traceback and no warning a user cannot act on (`tests/helpers/quiet.py`).
 2. The same config with scenario 1 only and `rounds: 2`, from a copy of the first run's round-0
    samples (reused, not re-sampled): round 1 samples from round 0's checkpoint, and a rerun after a
    kill in round 1 resumes there.
@@ -33,13 +34,15 @@ def _pipeline(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
 
 
 SOURCES = {1: ("policy", "policy"), 2: ("reference", "policy"), 3: ("policy", "other"), 4: ("reference", "other")}
-# the four scenarios' variants, and another method beside s1: SimPO, reference-free
-VARIANTS = "variants={" + ", ".join(f"s{k}: {{scenario: {k}}}" for k in SOURCES) + ", s1-simpo: {scenario: 1, method: {type: simpo}}}"
+# the four scenarios' variants, and another method beside s1: the OGD update rule on RoPO's
+# rotations (issue 10; SimPO's reference-free path is tests/stage/test_train_stage.py's)
+OGD_ROPO = "{scenario: 1, update: {type: ogd}, optimizer: rmsprop, parameterisation: {type: ropo}, lr: 1.0e-3}"
+VARIANTS = "variants={" + ", ".join(f"s{k}: {{scenario: {k}}}" for k in SOURCES) + f", s1-ogd-ropo: {OGD_ROPO}}}"
 
 
 @pytest.fixture(scope="module")
 def four_scenarios(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The four-scenario run (and SimPO beside s1), made once: the rounds test starts from its round 0."""
+    """The four-scenario run (and OGD on RoPO beside s1), made once: the rounds test starts from its round 0."""
     run_dir = tmp_path_factory.mktemp("scenarios") / "run"
     return run_dir, _pipeline("run", str(CONFIG), VARIANTS, "--run-dir", str(run_dir))
 
@@ -89,15 +92,23 @@ def test_four_scenarios_four_trainings_on_the_same_judged_data(four_scenarios):
     for k in sources:
         assert f"round-0/s{k}" in report
 
-    # another method on the same judged data: SimPO is reference-free (no reference pass) and the
-    # report compares the methods
-    assert json.loads((round0 / "evaluate" / "s1-simpo" / "summary.json").read_text())["method"] == "simpo"
-    assert not (round0 / "train" / "s1-simpo" / "reference_logps.parquet").exists()
-    assert (round0 / "train" / "s1" / "reference_logps.parquet").exists()
-    simpo_steps = [json.loads(line) for line in (round0 / "train" / "s1-simpo" / "metrics.jsonl").read_text().splitlines()]
-    assert simpo_steps and all(r["grads/chosen_logps"] > 0 and "logratios/rejected" not in r for r in simpo_steps)
-    methods = (run_dir / "report" / "report.md").read_text().split("## Methods (Table 10)")[1].split("\n## ")[0]
-    assert "| base model |" in methods and "| dpo (s1) |" in methods and "| simpo (s1-simpo) |" in methods
+    # another method on the same judged data: OGD on RoPO's rotations (issue 10), through train,
+    # evaluate (the layers' hyperspherical energy) and the report's sections
+    ogd_ropo = round0 / "train" / "s1-ogd-ropo"
+    stats = json.loads((ogd_ropo / "_manifest.json").read_text())["stats"]
+    assert stats["trainable_parameters"] == 92160 and "trainable_percent=0.06851" in result.stderr  # q_proj, v_proj
+    steps = [json.loads(line) for line in (ogd_ropo / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # RoPO starts at the reference; DPO's loss is logged
+    assert all("ogd/coefficient" in r and r["ogd/grad_norm_chosen"] > 0 for r in steps)
+    geometry = {v: pd.read_parquet(round0 / "evaluate" / v / "geometry.parquet") for v in ("s1", "s1-ogd-ropo")}
+    assert len(geometry["s1"]) == len(geometry["s1-ogd-ropo"]) == 30 * 7  # every decoder layer's 7 matrices
+    ropo_change, dpo_change = (geometry[v]["he_relative_change"].abs().max() for v in ("s1-ogd-ropo", "s1"))
+    assert ropo_change < 1e-7 and dpo_change > ropo_change, (ropo_change, dpo_change)  # float32 rounding vs DPO's drift
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| r0/s1-ogd-ropo | ogd + ropo |" in report.split("## OGD beside DPO")[1].split("\n## ")[0]
+    assert "| r0/s1-ogd-ropo | ogd + ropo | 0.06851% |" in report.split("## RoPO beside DPO")[1].split("\n## ")[0]
+    methods = report.split("## Methods (Table 10)")[1].split("\n## ")[0]
+    assert "| base model |" in methods and "| dpo (s1) |" in methods and "| ogd + ropo (s1-ogd-ropo) |" in methods
 
 
 def _kill_when(cmd: list[str], ready, timeout: float = 900) -> None:
