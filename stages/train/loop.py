@@ -50,11 +50,11 @@ from stages.train.batch import Batch, TokenizedPair, collate, read_tokenized
 from stages.train.checkpoint import keep_metrics_up_to, restore_checkpoint, save_checkpoint, save_hf_checkpoint
 from stages.train.guard import Guard
 from stages.train.logps import sequence_logps
-from stages.train.ogd import ogd_step, split_logps
-from stages.train.ropo import apply_ropo, parameter_counts
 from stages.train.objectives import Objective, ObjectiveOutput, PairLogps, needs_reference, objective_for
+from stages.train.ogd import ogd_step, split_logps
 from stages.train.precision import fsdp_policy
 from stages.train.reward_model import is_reward_model, load_reward_backbone, pair_rewards
+from stages.train.ropo import apply_ropo, parameter_counts
 from stages.train.schedule import lr_factor, micro_batch_for, micro_batches
 
 log = logging.getLogger("pipeline.train")
