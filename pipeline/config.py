@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -50,7 +50,21 @@ class BuiltinMathData(Block):
     levels: list[Literal[1, 2, 3]] = Field(
         [1, 2, 3], min_length=1, description="difficulty levels to draw from (pipeline/data.py: the embedded policy's solve rate per level)"
     )
+    templates: list[str] | None = Field(
+        None, min_length=1, description="draw from these templates only (names in pipeline/data.py TEMPLATES), instead of "
+        "`levels`: a set of whole templates the training never saw is an out-of-domain held-out set"
+    )
     seed: int = 0
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, names: list[str] | None) -> list[str] | None:
+        from pipeline.data import TEMPLATES
+
+        unknown = [n for n in names or () if n not in TEMPLATES]
+        if unknown:
+            raise ValueError(f"unknown template(s) {unknown}; known: {', '.join(TEMPLATES)}")
+        return names
 
 
 class FieldMap(Block):
@@ -498,14 +512,60 @@ class TrainConfig(Block):
 
 
 # ── evaluate ─────────────────────────────────────────────────────────────────────────────────
+class HeldOutSet(Block):
+    """One held-out prompt set: the run's own held-out prompts (in-domain), or another prompt
+    source's held-out split, e.g. built-in templates the training never drew from (out-of-domain,
+    as the paper's second test set). Prompts equal to a training prompt are dropped and counted."""
+
+    data: DataConfig | None = Field(None, description="its prompts (their eval split); None: the run's `data`")
+    num_prompts: int | None = Field(None, ge=1, description="at most this many (default: evaluate.num_prompts, else all)")
+
+
+class ForgettingConfig(Block):
+    """Forgetting (TAX, seed 001 §3): small exact-answer tasks the model is not trained on
+    (`pipeline/tasks.py`), accuracy before and after training; lm-eval-harness tasks run too when
+    the `eval` extra is installed and their data is on disk."""
+
+    tasks: list[str] = Field(["times_table", "unit_conversion", "next_number"], min_length=1,
+                             description="built-in task names (pipeline/tasks.py TASKS)")
+    num_prompts: int = Field(16, ge=1, description="prompts per task")
+    lm_eval: list[str] = Field([], description="lm-eval-harness task names (needs `pip install .[eval]` and local data)")
+    seed: int = 0
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, names: list[str]) -> list[str]:
+        from pipeline.tasks import TASKS
+
+        unknown = [n for n in names if n not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; built in: {', '.join(TASKS)}")
+        return names
+
+
 class EvaluateConfig(Block):
     max_tokens: int = Field(256, ge=1)
-    num_prompts: int | None = Field(None, ge=1, description="held-out prompts to judge (default: all)")
+    num_prompts: int | None = Field(None, ge=1, description="held-out prompts to judge per set (default: all)")
     logp_pairs: int | None = Field(None, ge=1, description="pairs to measure logps on (default: all)")
     sampler: SamplerConfig | None = Field(
         None, description="what writes the greedy held-out answers (a vllm or hf sampler; n, temperature and max_tokens "
         "are set by evaluate); None: the run's `sampler`"
     )
+    sets: dict[str, HeldOutSet] = Field(
+        {"in_domain": HeldOutSet()}, min_length=1,
+        description="named held-out sets, all answered in one generation pass; the first is the report's headline"
+    )
+    forgetting: ForgettingConfig | None = Field(ForgettingConfig(), description="None: no forgetting tasks")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the 95% intervals")
+
+    @field_validator("sets")
+    @classmethod
+    def _set_names(cls, sets: dict[str, HeldOutSet]) -> dict[str, HeldOutSet]:
+        bad = [n for n in sets if not re.fullmatch(r"[A-Za-z0-9_-]+", n) or n == "forgetting"]
+        if bad:
+            raise ValueError(f"evaluate.sets: {bad[0]!r} is not a usable set name (letters, digits, _ and -; "
+                             "not 'forgetting')")
+        return sets
 
 
 # ── variants and rounds ──────────────────────────────────────────────────────────────────────

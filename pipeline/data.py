@@ -25,7 +25,10 @@ def load_prompts(cfg: DataConfig, split: Split) -> list[dict]:
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if isinstance(cfg, BuiltinMathData):
-        return math_problems(cfg.num_train if split == "train" else cfg.num_eval, cfg.seed, split, cfg.levels)
+        n = cfg.num_train if split == "train" else cfg.num_eval
+        if cfg.templates:
+            return template_problems(cfg.templates, n, cfg.seed, split)
+        return math_problems(n, cfg.seed, split, cfg.levels)
     if isinstance(cfg, FileData):
         def read(path: str) -> list[dict]:
             return _rows_from(path, _file_records(path, cfg.limit), cfg.fields, Path(path).stem)

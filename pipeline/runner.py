@@ -143,7 +143,10 @@ class Runner:
             "judge": [Node("sample", r, node.part)],
             "pairs": [Node("judge", r, s) for s in self.cfg.sources()],
             "train": [Node("pairs", r)],
-            "evaluate": [] if node.part == POLICY else [Node("pairs", r), Node("train", r, node.part)],
+            # a variant reads the round's policy's answers (the "unseen" proxy); round k's policy is
+            # round k-1's checkpoint, whose answers that round's evaluation already holds
+            "evaluate": ([Node("evaluate", r - 1, self.cfg.sample_from())] if r else []) if node.part == POLICY
+            else [Node("pairs", r), Node("train", r, node.part), Node("evaluate", r, POLICY)],
         }[node.stage]
 
     def config_for(self, node: Node) -> RunConfig:
@@ -210,7 +213,9 @@ class Runner:
 
     @staticmethod
     def _input_name(node: Node, dep: Node) -> str:
-        """`judge/policy` for pairs (several sources), else the stage's name."""
+        """`judge/policy` for pairs (several sources), `previous_evaluate` for the last round's, else the stage's name."""
+        if dep.round != node.round:
+            return f"previous_{dep.stage}"
         return f"{dep.stage}/{dep.part}" if node.stage == "pairs" else dep.stage
 
     def inputs(self, node: Node) -> dict[str, str]:
@@ -232,7 +237,7 @@ class Runner:
                 raise UserError(f"{node.stage} reads {folder}, which is out of date with the config "
                                 f"({self._what_changed(dep, manifest)}): refresh it with `{refresh}`, "
                                 f"or `python -m pipeline run {self.config_path}` to bring every stage up to date")
-            if dep.round == node.round:
+            if dep in self.deps(node):
                 paths[self._input_name(node, dep)] = str(folder)
         return paths
 

@@ -1,44 +1,52 @@
 """evaluate: the round's policy and each variant's checkpoint on held-out prompts, and how
-the training pairs' log-probs moved.
+training moved what the model does and knows.
 
 The runner runs it once for the round's policy (`round-K/evaluate/policy/`, the "base model"
 row of the paper's Table 2) and once per variant (`round-K/evaluate/<variant>/`):
-- Held-out prompts: one greedy answer per prompt (the evaluate sampler, by default the run's,
-  with n=1, temperature 0), scored by the run's judge. Reported as the paper's "5 points" (share
-  scoring 5) and "4&5 points" (share scoring 4 or 5), plus the mean score and answer length.
+- Held-out sets (`evaluate.sets`, `stages/evaluate/sets.py`): one greedy answer per prompt (the
+  evaluate sampler, by default the run's, n=1, temperature 0), scored by the run's judge, all sets
+  in one generation pass. Per set: the paper's "5 points" and "4&5 points" with 95% bootstrap
+  intervals (`intervals.py`), mean score, answer length, distinct-1…4 (`diversity.py`). The
+  first set is the headline (the summary's top level); the report pairs each model's answers
+  with the base model's, prompt by prompt, for the paired interval of the difference.
+- Forgetting (`evaluate.forgetting`): built-in exact-answer tasks (`pipeline/tasks.py`) in the
+  same pass, graded by the verifier's rules: accuracy per task, from which the report computes
+  TAX against the run's initial policy.
 - Log-probs (variants only): the mean log-prob of the chosen and rejected responses of the
   variant's training pairs under the round's policy ("before") and the checkpoint ("after"), per
-  sequence and per token (3D-properties, Table 1): DPO should raise chosen against rejected, and
-  the drop of logp(rejected) shows how far training went into "unlearning"; "before" shows how
-  on-policy each scenario's data is.
-
-- Diversity: distinct-1…4 of the held-out answers (`stages/evaluate/diversity.py`).
+  sequence and per token (3D-properties, Table 1), and the "unseen" proxy: the round's policy's
+  own greedy held-out answers under both (`unseen_logps`).
 - Geometry (variants only): the hyperspherical energy of every decoder-layer matrix before and
-  after training (`stages/evaluate/geometry.py`): DPO moves it, RoPO cannot.
+  after training (`geometry.py`): DPO moves it, RoPO cannot.
 
-Writes `generations.parquet` (judged answers), `summary.json`, and for a variant
-`logps.parquet` (one row per pair and side, `side` "before" or "after") and `geometry.parquet`
-(one row per matrix: `layer, module, rows, cols, he_before, he_after, he_relative_change`). A reward-model variant
-(`method: {type: reward_model}`) cannot answer: its evaluation is its preference accuracy on the
-held-out pairs, read through the reward-model judge (`rewards.parquet`, `summary.json`).
+Writes `generations.parquet` (every answer, with its `set`; judged for the held-out sets),
+`summary.json`, and for a variant `logps.parquet` (one row per pair and side, `side` "before" or
+"after") and `geometry.parquet` (one row per matrix: `layer, module, rows, cols, he_before,
+he_after, he_relative_change`). A reward-model variant (`method: {type: reward_model}`) cannot
+answer: its evaluation is its preference accuracy on the held-out pairs, read through the
+reward-model judge (`rewards.parquet`, `summary.json`).
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.artifacts import Location, join, localize, name_of, parent_of, remove, write_table, write_text
+from pipeline.artifacts import Location, join, localize, name_of, parent_of, read_text, remove, write_table, write_text
 from pipeline.config import RunConfig
-from pipeline.data import load_prompts
 from pipeline.errors import UserError
 from stages.evaluate.diversity import distinct
 from stages.evaluate.geometry import layer_energies, read_weights
+from stages.evaluate.intervals import bootstrap_interval
 from stages.evaluate.logps import pair_logps
+from stages.evaluate.sets import FORGETTING, evaluation_prompts
 from stages.judge import judge_dataset
+from stages.judge.math_rules import score_math
 from stages.judge import preflight as judge_preflight
 from stages.train import reference_batches_for, trained_pairs
 
@@ -55,10 +63,40 @@ def score_summary(scores: pd.Series) -> dict[str, float]:
     }
 
 
+def set_summary(judged: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """One held-out set's numbers: the shares with their 95% bootstrap intervals, the mean score,
+    the answers' length (tokens, with its interval) and their distinct-1…4."""
+    scored = judged["score"].dropna().to_numpy()
+    tokens = judged["response_tokens"].to_numpy()
+    return {"prompts": len(judged), **score_summary(judged["score"]),
+            "5_points_ci": list(bootstrap_interval(scored == 5, resamples, seed)),
+            "4&5_points_ci": list(bootstrap_interval(scored >= 4, resamples, seed)),
+            "response_tokens": float(tokens.mean()),
+            "response_tokens_ci": list(bootstrap_interval(tokens, resamples, seed)),
+            **distinct(judged["response"].fillna("").tolist())}  # fmt: skip
+
+
+def task_accuracy(rows: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """A forgetting task's accuracy: the share of answers whose final answer is the reference
+    (the verifier's rules, score ≥ 4, whatever judge the run uses), with its interval."""
+    correct = np.array([score_math(r, a, truncated=f == "length").score >= 4
+                        for r, a, f in zip(rows["response"].fillna(""), rows["answer"], rows["finish_reason"])],
+                       dtype=float)  # fmt: skip
+    return {"prompts": len(rows), "accuracy": float(correct.mean()),
+            "accuracy_ci": list(bootstrap_interval(correct, resamples, seed))}
+
+
 def preflight(cfg: RunConfig) -> None:
     """Evaluation judges with the run's judge (its own checks: answers, rubric, key), and scores one
     greedy answer per prompt: a reward-model judge scoring by rank has nothing to rank there."""
     judge_preflight(cfg)
+    prompts, _ = evaluation_prompts(cfg)  # every set loads and keeps a prompt
+    if cfg.judge.type == "verifier":
+        from stages.judge.verifier import check_answers
+
+        frame = pd.DataFrame([p for p in prompts if not p["set"].startswith(FORGETTING)])
+        for name, rows in frame.groupby("set", sort=False):
+            check_answers(rows, f"evaluate.sets.{name}")
     if cfg.judge.type == "reward_model" and cfg.judge.thresholds is None:
         raise UserError(
             "judge.thresholds: the reward-model judge scores by rank among a prompt's candidates when no "
@@ -68,23 +106,75 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Location) -> tuple[pd.DataFrame, dict]:
-    """Greedy answers of one model to the held-out prompts, judged: (answers, their summary)."""
+    """Greedy answers of one model to every held-out set and forgetting task, in one generation
+    pass; the sets judged by the run's judge, the tasks graded exactly: (answers, their summary).
+    The summary's top level is the first (headline) set's, `sets` has each set's, `forgetting`
+    each task's accuracy."""
     import importlib
 
     from stages.sample import PLUGINS
 
-    prompts = load_prompts(cfg.data, "eval")[: cfg.evaluate.num_prompts]
+    prompts, dropped = evaluation_prompts(cfg)
+    set_of = {p["prompt_id"]: p["set"] for p in prompts}
     sampler = cfg.evaluate.sampler or cfg.sampler
     greedy = sampler.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.evaluate.max_tokens})
     raw = join(out, ".raw")  # Ray Data writes it from any node: in the stage's folder, local or remote
     importlib.import_module(PLUGINS[greedy.type]).generate(greedy, model_path, model_name, prompts, raw)
-    judged = judge_dataset(ray.data.read_parquet(str(raw)), cfg.judge).to_pandas()
+    answers = ray.data.read_parquet(str(raw)).to_pandas()
+    answers["set"] = answers["prompt_id"].map(set_of)
+    tasks = answers["set"].str.startswith(FORGETTING)
+    judged = judge_dataset(ray.data.from_pandas(answers[~tasks].drop(columns="set")), cfg.judge).to_pandas()
+    judged["set"] = judged["prompt_id"].map(set_of)
     remove(raw)
-    summary = {"model": model_name, "prompts": len(prompts), **score_summary(judged["score"]),
-               "response_tokens": float(judged["response_tokens"].mean()),
-               **distinct(judged["response"].fillna("").tolist())}  # fmt: skip
-    # the text is what a reader compares; the chat and token ids are in the sample stage
-    return judged.drop(columns=["messages", "prompt_token_ids", "response_token_ids"]), summary
+    seed, resamples = 0, cfg.evaluate.bootstrap  # a fixed seed: a rerun reproduces every interval
+    sets = {name: {**set_summary(judged[judged["set"] == name], resamples, seed), "dropped_overlap": dropped[name]}
+            for name in cfg.evaluate.sets}  # fmt: skip
+    forgetting = {name[len(FORGETTING):]: task_accuracy(rows, resamples, seed)
+                  for name, rows in answers[tasks].groupby("set", sort=False)}  # fmt: skip
+    headline = next(iter(sets.values()))
+    summary = {"model": model_name, **headline, "sets": sets, "forgetting": forgetting}
+    # the text is what a reader compares, the chat and the response's tokens what the unseen
+    # proxy reads again (`unseen_logps`); the prompt's token ids are in the sample stage
+    answers = pd.concat([judged, answers[tasks]], ignore_index=True).drop(columns=["prompt_token_ids"])
+    # plain columns: Ray Data's frames carry Arrow dtypes whose pandas metadata pandas cannot read back
+    return pa.Table.from_pandas(answers, preserve_index=False).replace_schema_metadata(None).to_pandas(), summary
+
+
+def unseen_answers(cfg: RunConfig, base_generations: Location, path: Location) -> int:
+    """The "unseen" proxy's responses (3D-properties: mass leaving what training never saw): the
+    round's policy's own greedy answers to the headline held-out set, written to `path` as pairs
+    whose two sides are the answer, so that `pair_logps` reads them with the training code's
+    tokenization and precision policy. Their mean log-prob under the round's policy (before) and
+    the checkpoint (after): a fall means training moved mass away from the policy's typical
+    answers to new prompts, not only from the rejected responses. Returns how many."""
+    # the pandas metadata of a frame that came from Ray Data names Arrow dtypes pandas cannot read back
+    answers = pq.read_table(str(base_generations)).to_pandas(ignore_metadata=True)
+    answers = answers[answers["set"] == next(iter(cfg.evaluate.sets))]
+    turn = [[{"role": "assistant", "content": r}] for r in answers["response"].fillna("")]
+    rows = pd.DataFrame({"prompt_id": answers["prompt_id"], "prompt": answers["messages"], "chosen": turn,
+                         "rejected": turn, "chosen_token_ids": answers["response_token_ids"],
+                         "rejected_token_ids": answers["response_token_ids"]})  # fmt: skip
+    write_table(rows, path)
+    return len(rows)
+
+
+def unseen_summary(lp: pd.DataFrame) -> dict[str, float]:
+    return {"logps": float(lp["logps_chosen"].mean()),
+            "logps_per_token": float((lp["logps_chosen"] / lp["tokens_chosen"].clip(lower=1)).mean())}
+
+
+def answered_before(evaluation: Location, model_name: str) -> tuple[pd.DataFrame, dict]:
+    """Round k's policy is round k-1's checkpoint, and that round's evaluation already has its
+    greedy answers to the same prompts, judged by the same judge: they are taken, not generated
+    again (one engine start and a judge pass fewer per round). The held-out numbers only."""
+    previous = json.loads(read_text(join(evaluation, "summary.json")))
+    summary = {"model": model_name, **{k: v for k, v in previous.items() if k not in VARIANT_ONLY and k != "model"}}
+    answers = pq.read_table(str(join(evaluation, "generations.parquet"))).to_pandas(ignore_metadata=True)
+    return answers, summary
+
+
+# what a variant's summary adds to the held-out numbers
+VARIANT_ONLY = ("variant", "scenario", "method", "pairs", "before", "after", "unseen", "geometry")
 
 
 def logp_summary(lp: pd.DataFrame) -> dict[str, float]:
@@ -115,6 +205,11 @@ def geometry_summary(geometry: pd.DataFrame) -> dict[str, float]:
 
 
 def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
+    if "train" not in inputs and "previous_evaluate" in inputs:  # round k's policy: round k-1's checkpoint
+        judged, summary = answered_before(inputs["previous_evaluate"], inputs["policy_name"])
+        write_table(judged, join(out, "generations.parquet"))
+        write_text(join(out, "summary.json"), json.dumps(summary, indent=2))
+        return {"prompts": summary["prompts"], "rows": len(judged), "summary": summary, "reused": True}
     if "train" not in inputs:  # the round's own policy: the base row the variants are compared with
         judged, summary = held_out(cfg, inputs["policy"], inputs["policy_name"], out)
         write_table(judged, join(out, "generations.parquet"))
@@ -136,17 +231,23 @@ def run(cfg: RunConfig, inputs: dict[str, str], out: Location) -> dict:
     # engine starts.
     ref_batches = reference_batches_for(num_pairs, cfg.train)
     limit = min(cfg.evaluate.logp_pairs or trained, trained)  # the trained pairs (held-out ones are the file's tail)
+    unseen_file = join(out, ".unseen.parquet")
+    unseen = {"answers": unseen_answers(cfg, join(inputs["evaluate"], "generations.parquet"), unseen_file)}
     models = {"before": inputs["policy"], "after": checkpoint}
     logp_refs = {side: pair_logps.remote(path, str(pairs_file), cfg.train.max_length, limit,
-                                         cfg.train.dtype, batches=ref_batches)
+                                         cfg.train.dtype, batches=ref_batches, also=str(unseen_file))
                  for side, path in models.items()}  # fmt: skip
     energies = layer_geometry.remote(inputs["policy"], checkpoint)
-    logps = {side: ray.get(ref).assign(side=side) for side, ref in logp_refs.items()}
+    logps = {}
+    for side, ref in logp_refs.items():
+        pairs_lp, unseen_lp = ray.get(ref)
+        logps[side], unseen[side] = pairs_lp.assign(side=side), unseen_summary(unseen_lp)
+    remove(unseen_file)
     judged, summary = held_out(cfg, checkpoint, name, out)
     summary |= {"variant": variant, "scenario": cfg.train.scenario, "method": cfg.train.method.type,
                 "pairs": num_pairs,
                 "before": {"model": inputs["policy_name"], **logp_summary(logps["before"])},
-                "after": {"model": name, **logp_summary(logps["after"])}}  # fmt: skip
+                "after": {"model": name, **logp_summary(logps["after"])}, "unseen": unseen}  # fmt: skip
     geometry = pd.DataFrame(ray.get(energies))
     summary["geometry"] = geometry_summary(geometry)
     write_table(geometry, join(out, "geometry.parquet"))

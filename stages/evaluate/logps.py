@@ -42,10 +42,12 @@ def plan_batches(batches: list[list[int]] | None, wanted: int, micro_batch: int)
 # detector warn about the next light task it ran ("Operator 'Map(_preprocess)' uses 673.0MiB").
 @ray.remote(num_cpus=TRAIN_WORKER_CPUS, max_calls=1)
 def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | None, dtype: str = "float32",
-               micro_batch: int = 4, batches: list[list[int]] | None = None) -> pd.DataFrame:
+               micro_batch: int = 4, batches: list[list[int]] | None = None,
+               also: str | None = None) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Logps of the first `limit` pairs (all when None), one row each in file order. `batches`
     (pair indices) are the forwards to run, a pair's first appearance counting; default:
-    file-order micro-batches of `micro_batch`."""
+    file-order micro-batches of `micro_batch`. `also`: a second pairs file, all of its pairs in
+    file-order micro-batches, on the same loaded model: then (pairs' logps, its logps)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.train.batch import collate, tokenize_pair
@@ -57,15 +59,24 @@ def pair_logps(model_path: str, pairs_file: str, max_length: int, limit: int | N
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = for_inference(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), dtype)
-    rows = pq.read_table(pairs_file).to_pylist()
-    wanted = len(rows) if limit is None else min(limit, len(rows))
-    pairs = [tokenize_pair(tokenizer, row, max_length) for row in rows]
-    logps: dict[int, tuple[float, float]] = {}
-    with torch.no_grad():
-        for batch in plan_batches(batches, wanted, micro_batch):
-            c, r = policy_logps(model, collate([pairs[i] for i in batch], pad_id))
-            for i, chosen, rejected in zip(batch, c.tolist(), r.tolist()):
-                logps.setdefault(i, (chosen, rejected))
+
+    def run(path: str, limit: int | None, batches: list[list[int]] | None) -> pd.DataFrame:
+        rows = pq.read_table(path).to_pylist()
+        wanted = len(rows) if limit is None else min(limit, len(rows))
+        pairs = [tokenize_pair(tokenizer, row, max_length) for row in rows]
+        logps: dict[int, tuple[float, float]] = {}
+        with torch.no_grad():
+            for batch in plan_batches(batches, wanted, micro_batch):
+                c, r = policy_logps(model, collate([pairs[i] for i in batch], pad_id))
+                for i, chosen, rejected in zip(batch, c.tolist(), r.tolist()):
+                    logps.setdefault(i, (chosen, rejected))
+        return _frame(rows, pairs, logps, wanted)
+
+    result = run(pairs_file, limit, batches)
+    return result if also is None else (result, run(also, None, None))
+
+
+def _frame(rows: list[dict], pairs: list, logps: dict[int, tuple[float, float]], wanted: int) -> pd.DataFrame:
     return pd.DataFrame({
         "prompt_id": [rows[i]["prompt_id"] for i in range(wanted)],
         "logps_chosen": [logps[i][0] for i in range(wanted)],
