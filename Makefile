@@ -3,14 +3,17 @@ CONFIG ?= configs/default.yaml
 ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup browser run test test-fast clean
 setup:
 	@bash scripts/setup.sh
+
+browser:  ## Debian's chromium, for the test that opens report/index.html (no-op when installed)
+	@bash scripts/setup_browser.sh
 
 run: setup
 	$(PY) -m pipeline run $(CONFIG) $(ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest tests -q -p no:cacheprovider --durations=25 $(ARGS)
 
 test-fast: setup  ## unit tests only (seconds)
