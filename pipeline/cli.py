@@ -1,5 +1,5 @@
-"""`python -m pipeline run|stage|report|compare-judges`: the whole pipeline, one stage, the report,
-or two judges side by side on the same candidates.
+"""`python -m pipeline run|stage|report|compare-judges|toy`: the whole pipeline, one stage, the report,
+two judges side by side on the same candidates, or the paper's toy model (no config, no Ray).
 
 A `UserError` (bad config, missing file, malformed row) ends the command with one message and
 exit status 2, no traceback; anything else is a bug and keeps its traceback.
@@ -23,8 +23,10 @@ examples:
   python -m pipeline run configs/tiny.yaml train.lr=1e-5 sampler.n=4 --run-dir runs/try
   python -m pipeline stage judge configs/default.yaml          # one stage, on existing inputs
   python -m pipeline stage train configs/scenarios.yaml --part s2   # one variant's training
-  python -m pipeline report configs/default.yaml
+  python -m pipeline report runs/default                         # report.md + index.html of one run
+  python -m pipeline report runs/a runs/b --out runs/a-vs-b      # several runs side by side
   python -m pipeline compare-judges configs/default.yaml --judge verifier.yaml --judge gpt4o.yaml --limit 20
+  python -m pipeline toy --out runs/toy --seed 0               # the paper's toy model (§3.2), ~30 s
 
 Finished stages are skipped when their config and inputs are unchanged, so rerunning a killed
 run resumes it. The run directory holds round-K/<stage>/<part>/ folders (sample/policy,
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,stage,report,compare-judges}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,stage,report,compare-judges,toy}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML run config, e.g. configs/default.yaml")
@@ -59,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only this part: a source for sample and judge (policy, reference, other), a variant for "
                        "train and evaluate (or `policy`: evaluate the round's policy); default: every part")
     stage.add_argument("--force", action="store_true", help="run even if the stage is up to date")
-    report = sub.add_parser("report", help="(re)write report/report.md from the finished stages")
-    common(report)
+    report = sub.add_parser(
+        "report", help="(re)write report/report.md and report/index.html from the finished stages, of one run or several",
+        description="One run: RUN_DIR/report/ (report.md, index.html with every plot inline, the PNGs). Several runs:\n"
+        "one report with their tables side by side, in --out. A run dir carries its config (config.yaml);\n"
+        "the older form `report CONFIG [overrides] [--run-dir D]` still works.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    report.add_argument("targets", nargs="+", metavar="RUN_DIR", help="run dirs (or: a YAML config and its overrides)")
+    report.add_argument("--run-dir", default=None, metavar="PATH|URI", help="with a config: its run dir")
+    report.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="several runs: where the side-by-side report goes (default runs/side-by-side)")
     compare = sub.add_parser(
         "compare-judges", help="score one round's candidates with two judges and measure their agreement (κ)",
         description="Score the same candidates (a finished round-K/sample folder) with two judges and write\n"
@@ -75,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--limit", type=_positive, default=None, metavar="N",
                          help="only the first N prompts' candidates (all of them per prompt), to keep API cost down")
     compare.set_defaults(subparser=compare)
+    toy = sub.add_parser("toy", help="the paper's toy model (3D-properties §3.2): curves, claims, figures; no config",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    toy.add_argument("--out", type=Path, default=Path("runs/toy"), metavar="DIR", help="output folder (default runs/toy)")
+    toy.add_argument("--seed", type=int, default=0, help="seed of the MLPs' initialisation (default 0)")
     return parser
 
 
@@ -105,11 +119,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare-judges" and len(args.judge) != 2:
         args.subparser.error(f"give exactly two --judge files (A and B), got {len(args.judge)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "toy":  # no config, no Ray
+        from pipeline.toy import claims_table, write_toy
+
+        print(claims_table(write_toy(args.out, seed=args.seed)))
+        print(f"toy model: {args.out}")
+        return 0
     try:
+        if args.command == "report" and not _is_config(args.targets[0]):
+            return _report_runs(args.targets, args.out)
+        if args.command == "report":
+            args.config, args.overrides = args.targets[0], args.targets[1:]
         return _dispatch(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _is_config(target: str) -> bool:
+    return target.endswith((".yaml", ".yml")) and not Path(target).is_dir()
+
+
+def _report_runs(run_dirs: list[str], out: Path | None) -> int:
+    """`report RUN_DIR [RUN_DIR ...]`: each run's own config, from its folder."""
+    from pipeline.report import headline, load_run_config, write_report, write_side_by_side
+
+    if len(run_dirs) == 1:
+        cfg = load_run_config(run_dirs[0])
+        print(f"\nreport: {write_report(cfg, run_dirs[0])}\n")
+        print(headline(run_dirs[0], cfg))
+        return 0
+    print(f"report: {write_side_by_side(run_dirs, out or Path('runs/side-by-side'))}")
+    return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:

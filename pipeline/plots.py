@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-    from pipeline.report import RunData
+    from pipeline.rundata import RunData
 
 # logps/* vary with each batch's pairs; rewards/* = β·(logp − ref_logp) show the drift from the
 # reference on the same pairs, where a drastic drop of the rejected side is easiest to see.
@@ -77,7 +77,7 @@ def plot_scores(rows: list[dict[str, Any]], out: Path) -> Path | None:
 
 def plot_logps(cfg: RunConfig, data: RunData, out: Path) -> Path | None:
     """Per scenario: before vs after bars of chosen and rejected per-token logps, per (round, variant)."""
-    from pipeline.report import scenario_name  # here, not at the top: report imports this module
+    from pipeline.tables import scenario_name
 
     key = "logps_per_token/"
     by_scenario: dict[int, list[tuple[str, dict, dict]]] = {}
@@ -151,6 +151,25 @@ def plot_he_change(geometry: dict[str, list[dict]], out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out / "he_change.png")
+
+
+def plot_forgetting(accuracy: dict[str, dict[str, float]], out: Path) -> Path | None:
+    """Grouped bars: accuracy per forgetting task (x), one bar per model (label → {task: accuracy})."""
+    if not accuracy:
+        return None
+    plt = _pyplot()
+    tasks = list(dict.fromkeys(t for acc in accuracy.values() for t in acc))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(tasks) * max(1, len(accuracy)) ** 0.5 + 2), 3.6))
+    width = 0.8 / len(accuracy)
+    for i, (label, acc) in enumerate(accuracy.items()):
+        xs = [k + (i - (len(accuracy) - 1) / 2) * width for k in range(len(tasks))]
+        ax.bar(xs, [acc.get(t, float("nan")) for t in tasks], width, label=label, color=f"C{i % 10}")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("forgetting tasks (not trained on)")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "forgetting.png")
 
 
 def plot_confusion(confusion: Any, labels: list[int], names: tuple[str, str], path: Path) -> Path:

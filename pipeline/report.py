@@ -15,136 +15,33 @@ DPO and RoPO beside DPO (when the variants train them); held-out preference accu
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from pipeline.artifacts import Location, atomic_write_text, join, localize, location, read_manifest, stage_dir, upload
-from pipeline.config import SCENARIO_SOURCES, RunConfig
+from pipeline.artifacts import Location, atomic_write_text, join, location, upload
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
 from pipeline.plots import plot_confusion  # noqa: F401  (re-exported: pipeline/compare.py imports it from here)
-from pipeline.plots import DIAGNOSTIC_CURVES, plot_he_change, plot_logps, plot_scores, plot_training
+from pipeline.plots import DIAGNOSTIC_CURVES, plot_logps, plot_scores, plot_training
+from pipeline.html import write_html
+from pipeline.report_evaluation import (delta_cell, diagnostics_section, diversity_section, forgetting_rows,
+                                        forgetting_section, headline_set, paired_delta, sets_section, toy_section, verdict_lines)
+from pipeline.report_methods import held_out_section, image, ogd_section, ropo_section
+from pipeline.rundata import POLICY, RunData, load_run, local_run_dir
+from pipeline.tables import count as _count
+from pipeline.tables import interval, markdown_table, method_label, scenario_name, sides
+from pipeline.tables import num as _num
+from pipeline.tables import usd as _usd
 
-# evaluate's part for the round's own policy (`round-K/evaluate/policy/`); variants use their names
-POLICY = "policy"
-
-# who writes a side of a pair, in the words of the scenario names
-SOURCE_NAMES = {"policy": "policy", "reference": "solution", "other": "other model"}
+_image = image
 
 # train keys that say which data and how it runs, not how it learns: not listed as hyper-parameters
 # (the update rule and parameterisation are in the method's label)
 _NOT_HYPER = ("scenario", "method", "update", "parameterisation", "num_workers", "use_gpu")
-
-
-def method_label(train: Any) -> str:
-    """What trains a variant, in a few letters: the objective (`dpo`), or `ogd` for the OGD update
-    rule (its objective is only logged), with `+ ropo` when RoPO is the parameterisation."""
-    label = "ogd" if train.update.type == "ogd" else train.method.type
-    return f"{label} + ropo" if train.parameterisation.type == "ropo" else label
-
-
-# ── reading the run folder: the only reads ───────────────────────────────────────────────────
-@dataclass
-class RunData:
-    """What the finished parts of the config's rounds wrote; a key is absent where nothing was."""
-
-    rounds: list[int]
-    sample: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, source) → manifest stats
-    judge: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, source) → manifest stats
-    pairs: dict[int, dict] = field(default_factory=dict)  # round → manifest stats
-    metrics: dict[tuple[int, str], list[dict]] = field(default_factory=dict)  # (round, variant) → a dict per step
-    evals: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, "policy" | variant) → summary.json
-    train: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, variant) → train manifest stats
-    geometry: dict[tuple[int, str], list[dict]] = field(default_factory=dict)  # (round, variant) → a row per matrix
-
-
-def _rounds(run_dir: Path, rounds: int) -> list[int]:
-    """The config's rounds that have a folder: a round dropped from the config (`rounds` lowered)
-    may still be on disk, but it is not part of this run."""
-    return [r for r in range(rounds) if (Path(run_dir) / f"round-{r}").is_dir()]
-
-
-def _stats(folder: Path) -> dict | None:
-    manifest = read_manifest(folder)
-    return None if manifest is None else manifest.get("stats") or {}
-
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _metrics(train_dir: Path) -> list[dict[str, Any]] | None:
-    path = train_dir / "metrics.jsonl"
-    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return steps or None
-
-
-def _put(into: dict, key: Any, value: Any) -> None:
-    if value is not None:
-        into[key] = value
-
-
-def load_run(run_dir: Path, cfg: RunConfig) -> RunData:
-    """Every manifest, metrics file and evaluation summary of the config's sources and variants."""
-    run_dir = Path(run_dir)
-    data = RunData(rounds=_rounds(run_dir, cfg.rounds))
-    for r in data.rounds:
-        for source in cfg.sources():
-            _put(data.sample, (r, source), _stats(stage_dir(run_dir, r, "sample") / source))
-            _put(data.judge, (r, source), _stats(stage_dir(run_dir, r, "judge") / source))
-        _put(data.pairs, r, _stats(stage_dir(run_dir, r, "pairs")))
-        for part in (POLICY, *cfg.trains()):
-            _put(data.evals, (r, part), _json(stage_dir(run_dir, r, "evaluate") / part / "summary.json"))
-        for variant in cfg.trains():
-            _put(data.metrics, (r, variant), _metrics(stage_dir(run_dir, r, "train") / variant))
-            _put(data.train, (r, variant), _stats(stage_dir(run_dir, r, "train") / variant))
-            _put(data.geometry, (r, variant), _geometry(stage_dir(run_dir, r, "evaluate") / variant))
-    return data
-
-
-def _geometry(evaluate_dir: Path) -> list[dict] | None:
-    """evaluate's hyperspherical energy per matrix (`geometry.parquet`), once the folder is finished."""
-    path = evaluate_dir / "geometry.parquet"
-    if read_manifest(evaluate_dir) is None or not path.is_file():
-        return None
-    import pandas as pd
-
-    return pd.read_parquet(path).to_dict("records")
-
-
-# ── cells ────────────────────────────────────────────────────────────────────────────────────
-def _num(value: Any, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _count(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
-def _pp(share: float | None) -> str:
-    """A difference of two shares in percentage points."""
-    return "-" if share is None else f"{100 * share:+.1f} pp"
-
-
-def _usd(cost: float) -> str:
-    return f"${cost:,.2f}" if cost >= 1 else f"${cost:.4f}" if cost >= 0.01 else f"${cost:.6f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    """`align`: one "l" or "r" per column."""
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows)]  # fmt: skip
-
-
-def sides(k: int) -> str:
-    """`solution × policy`: who writes chosen × rejected in scenario k."""
-    return " × ".join(SOURCE_NAMES[source] for source in SCENARIO_SOURCES[k])
-
-
-def scenario_name(k: int) -> str:
-    return f"{k}: {sides(k)}"
 
 
 def policy_label(cfg: RunConfig, round_: int) -> str:
@@ -195,30 +92,36 @@ def header(cfg: RunConfig) -> list[str]:
 
 # ── held-out evaluation (Table 2) ────────────────────────────────────────────────────────────
 EVAL_HEADER = ["round", "model", "scenario", "method", "5 points", "4&5 points", "mean score", "answer tokens",
-               "Δ 4&5 vs the round's policy"]  # fmt: skip
-EVAL_NOTE = ("Greedy answers to the held-out prompts, judged 1-5: 5 points is the share scoring 5, 4&5 points the "
-             "share scoring 4 or 5 (answers the judge could not score left out); Δ in percentage points. "
+               "Δ 4&5 vs the round's policy (paired)"]  # fmt: skip
+EVAL_NOTE = ("Greedy answers to the headline held-out set, judged 1-5: 5 points is the share scoring 5, 4&5 points the "
+             "share scoring 4 or 5 (answers the judge could not score left out), each with its 95% bootstrap interval "
+             "[low, high] over the prompts; Δ in percentage points against the round's policy on the same prompts, "
+             "with its paired 95% interval: a difference whose interval includes 0 is not distinguishable from noise. "
              "\"-\": not evaluated yet.")  # fmt: skip
 
 
-def _delta(summary: dict | None, base: dict | None) -> float | None:
+def _point_delta(summary: dict | None, base: dict | None) -> dict | None:
+    """The difference of the summaries' shares, without an interval (answers not on disk)."""
     if not summary or not base or summary.get("4&5_points") is None or base.get("4&5_points") is None:
         return None
-    return summary["4&5_points"] - base["4&5_points"]
+    return {"diff": summary["4&5_points"] - base["4&5_points"], "low": None, "high": None, "prompts": None}
 
 
 def eval_rows(cfg: RunConfig, data: RunData) -> list[dict[str, Any]]:
     """Table 2's rows: each round's policy, then its policy variants' checkpoints in config order,
-    with their summary (None where not evaluated) and Δ 4&5 points against the round's policy."""
-    rows = []
+    with their summary (None where not evaluated) and the paired Δ 4&5 points against the round's
+    policy on the headline set (None where either has no answers)."""
+    rows, name = [], headline_set(cfg)
     for r in data.rounds:
         base = data.evals.get((r, POLICY))
         rows.append({"round": r, "part": POLICY, "model": policy_label(cfg, r), "scenario": None, "method": None,
-                     "summary": base, "delta": None})  # fmt: skip
-        for name, tc in cfg.policy_trains().items():
-            summary = data.evals.get((r, name))
-            rows.append({"round": r, "part": name, "model": f"round-{r}/{name}", "scenario": tc.scenario,
-                         "method": method_label(tc), "summary": summary, "delta": _delta(summary, base)})  # fmt: skip
+                     "summary": base, "paired": None})  # fmt: skip
+        for variant, tc in cfg.policy_trains().items():
+            summary = data.evals.get((r, variant))
+            paired = paired_delta(data.answers.get((r, POLICY)), data.answers.get((r, variant)), name, "4&5_points",
+                                  cfg.evaluate.bootstrap) or _point_delta(summary, base)  # fmt: skip
+            rows.append({"round": r, "part": variant, "model": f"round-{r}/{variant}", "scenario": tc.scenario,
+                         "method": method_label(tc), "summary": summary, "paired": paired})  # fmt: skip
     return rows
 
 
@@ -227,9 +130,9 @@ def eval_table(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         s, own = row["summary"] or {}, row["part"] == POLICY  # the round's policy: no scenario, method, Δ
         body.append([str(row["round"]), row["model"], "" if own else scenario_name(row["scenario"]),
-                     "" if own else row["method"], _num(s.get("5_points"), ".1%"), _num(s.get("4&5_points"), ".1%"),
-                     _num(s.get("mean_score"), ".2f"), _num(s.get("response_tokens"), ".0f"),
-                     "" if own else _pp(row["delta"])])  # fmt: skip
+                     "" if own else row["method"], interval(s.get("5_points"), s.get("5_points_ci")),
+                     interval(s.get("4&5_points"), s.get("4&5_points_ci")), _num(s.get("mean_score"), ".2f"),
+                     _num(s.get("response_tokens"), ".0f"), "" if own else delta_cell(row["paired"])])  # fmt: skip
     return markdown_table(EVAL_HEADER, body, "rlllrrrrr")
 
 
@@ -254,11 +157,13 @@ def methods_section(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def headline(run_dir: Path, cfg: RunConfig) -> str:
-    """The held-out table (markdown), printed at the end of a run."""
+    """The held-out table (markdown) and whether each checkpoint's difference is real, printed at
+    the end of a run."""
     data = load_run(local_run_dir(run_dir), cfg)
     if not data.rounds:
         return "(no round has started yet)"
-    return "\n".join([*eval_table(eval_rows(cfg, data)), "", EVAL_NOTE])
+    rows = eval_rows(cfg, data)
+    return "\n".join([*eval_table(rows), "", EVAL_NOTE, "", *verdict_lines(rows)]).rstrip()
 
 
 def unscored_note(rows: list[dict[str, Any]]) -> list[str]:
@@ -395,140 +300,6 @@ def training_lines(data: RunData) -> list[str]:
     return lines
 
 
-def _swing(values: list[float]) -> float | None:
-    """Mean |change| between consecutive held-out evaluations: how much a curve fluctuates."""
-    steps = [abs(b - a) for a, b in zip(values, values[1:])]
-    return sum(steps) / len(steps) if steps else None
-
-
-def held_out_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
-    """seed 003 §5.3: preference accuracy on held-out pairs per step, a reward model's beside the
-    policies' (implicit-reward) accuracy, when any variant holds pairs out (`train.held_out_pairs`)."""
-    key = "eval_rewards/accuracies"
-    trains = cfg.trains()
-    rows = []
-    for (r, variant), m in data.metrics.items():
-        curve = [x[key] for x in m if x.get(key) is not None]
-        if not curve:
-            continue
-        tc = trains[variant]
-        judged = ((data.evals.get((r, variant)) or {}).get("preference") or {}).get("accuracy")
-        rows.append([f"r{r}/{variant}", method_label(tc), str(tc.held_out_pairs), f"{curve[0]:.2f} → {curve[-1]:.2f}",
-                     _num(max(curve), ".2f"), _num(_swing(curve), ".3f"), _num(judged, ".2f")])  # fmt: skip
-    if not rows:
-        return []
-    curves = (("eval_rewards/accuracies",),)  # one panel: the methods' losses are on different scales (IPO's ~25)
-    return ["## Held-out preference accuracy (seed 003 §5.3)", "",
-            "Share of held-out pairs each model orders right after every step: a reward model by its reward "
-            "r(x,y+) > r(x,y−), a policy by its implicit reward (DPO: β·h > 0). The paper finds the reward model's "
-            "curve steady and DPO's fluctuating; swing = mean |change| between consecutive evaluations. The reward "
-            "model's last column is its accuracy read through the reward-model judge by evaluate.", "",
-            *markdown_table(["variant", "method", "held-out pairs", "accuracy first → last", "best", "swing",
-                             "as a judge"], rows, "llrrrrr"), "",
-            *_image(plot_training(data, out, curves, "held_out_accuracy.png"), "held-out preference accuracy")]  # fmt: skip
-
-
-# ── OGD and RoPO beside DPO (seeds 001 and 000) ─────────────────────────────────────────────
-def _beside_dpo(trains: dict[str, Any], selected: list[str]) -> list[str]:
-    """The `selected` variants, then those they are compared with: plain DPO on full weights on the
-    same scenarios' pairs."""
-    scenarios = {trains[n].scenario for n in selected}
-    dpo = [n for n, tc in trains.items() if tc.scenario in scenarios and tc.method.type == "dpo"
-           and tc.update.type == "plain" and tc.parameterisation.type == "full"]  # fmt: skip
-    return list(dict.fromkeys(selected + dpo))
-
-
-def _peak_then_last(curve: list[float]) -> str:
-    if not curve:
-        return "-"
-    peak = max(curve)
-    return f"{curve[-1]:+.2f} (peak {peak:+.2f} at step {curve.index(peak) + 1})"
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-OGD_NOTE = ("OGD (seed 001) trains on ∇NLL(chosen) projected orthogonal to ∇NLL(rejected) whenever the two "
-            "point the same way: the chosen responses' likelihood should rise while the rejected ones' does not "
-            "fall with it. It never sees DPO's loss, which is logged beside it (β = 0.1, from the starting policy) "
-            "and should still fall (the paper's Figure 6). log-ratio = logp − ref_logp of the step's pairs (0 at "
-            "step 1; > 0: more likely than under the starting policy); before → after: mean log-prob per token of "
-            "all trained pairs under the round's policy and the checkpoint. \"projected\": share of steps where "
-            "g_w·g_l > 0 and the projection fired. DPO on the same pairs, full weights, is beside it; the paper "
-            "sees DPO's chosen likelihood fall with longer training: the peak column shows whether it did here. "
-            "In the plot, variants that differ only in their number of steps draw the same first steps.")  # fmt: skip
-
-
-def ogd_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
-    trains = cfg.policy_trains()
-    ogd = [n for n, tc in trains.items() if tc.update.type == "ogd"]
-    if not ogd:
-        return []
-    names = _beside_dpo(trains, ogd)
-    body = []
-    for r in data.rounds:
-        for name in names:
-            m = data.metrics.get((r, name)) or []
-            s = data.evals.get((r, name)) or {}
-            before, after = s.get("before") or {}, s.get("after") or {}
-            projected = _mean([x["ogd/projected"] for x in m if "ogd/projected" in x])
-            body.append([f"r{r}/{name}", method_label(trains[name]), str(len(m) or "-"),
-                         _peak_then_last([x["logratios/chosen"] for x in m if "logratios/chosen" in x]),
-                         _num(m[-1].get("logratios/rejected") if m else None, "+.2f"),
-                         f"{_num(m[0].get('loss') if m else None, '.4f')} → {_num(m[-1].get('loss') if m else None, '.4f')}",
-                         f"{_num(before.get('logps_per_token/chosen'), '.3f')} → {_num(after.get('logps_per_token/chosen'), '.3f')}",
-                         f"{_num(before.get('logps_per_token/rejected'), '.3f')} → {_num(after.get('logps_per_token/rejected'), '.3f')}",
-                         _num(projected, ".0%")])  # fmt: skip
-    curves = (("logratios/chosen",), ("logratios/rejected",), ("loss",))
-    subset = RunData(rounds=data.rounds, metrics={k: v for k, v in data.metrics.items() if k[1] in names})
-    return ["## OGD beside DPO (seed 001)", "", OGD_NOTE, "",
-            *markdown_table(["variant", "method", "steps", "log-ratio chosen, last step", "log-ratio rejected, last",
-                             "DPO loss (β 0.1) first → last", "chosen per token before → after",
-                             "rejected per token before → after", "projected"], body, "llrrrrrrr"), "",
-            *_image(plot_training(subset, out, curves, "ogd_vs_dpo.png"), "OGD beside DPO")]  # fmt: skip
-
-
-ROPO_NOTE = ("RoPO (seed 000) changes a layer only by rotating its inputs and stretching its neurons (W' = diag(m)·W·Rᵀ, "
-             "every other weight frozen), so the angles between neurons, and the hyperspherical energy (HE) of every "
-             "layer, stay what they were; DPO on full weights moves them. HE change: mean and largest |HE_after − "
-             "HE_before| / HE_before over every decoder-layer matrix (`evaluate/<variant>/geometry.parquet`). "
-             "Distinct-n: unique n-grams / all n-grams of the held-out answers (higher = more diverse); the "
-             "round's policy first.")  # fmt: skip
-
-
-def ropo_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
-    trains = cfg.policy_trains()
-    ropo = [n for n, tc in trains.items() if tc.parameterisation.type == "ropo"]
-    if not ropo:
-        return []
-    names = _beside_dpo(trains, ropo)
-
-    def distinct_cells(s: dict) -> list[str]:
-        return [_num(s.get(f"distinct_{n}"), ".3f") for n in range(1, 5)]
-
-    body = []
-    for r in data.rounds:
-        body.append([f"r{r}/{POLICY}", "", "", "", "", *distinct_cells(data.evals.get((r, POLICY)) or {})])
-        for name in names:
-            s = data.evals.get((r, name)) or {}
-            geometry = s.get("geometry") or {}
-            share = (data.train.get((r, name)) or {}).get("trainable_percent")
-            body.append([f"r{r}/{name}", method_label(trains[name]), _num(share, ".4g") + ("%" if share is not None else ""),
-                         _num(geometry.get("he_mean_abs_relative_change"), ".2e"),
-                         _num(geometry.get("he_max_abs_relative_change"), ".2e"), *distinct_cells(s)])  # fmt: skip
-    geometry = {f"r{r}/{n}": rows for (r, n), rows in data.geometry.items() if n in names}
-    return ["## RoPO beside DPO (seed 000)", "", ROPO_NOTE, "",
-            *markdown_table(["model", "method", "trainable", "HE change, mean", "HE change, max", "distinct-1",
-                             "distinct-2", "distinct-3", "distinct-4"], body, "llrrrrrrr"), "",
-            *_image(plot_he_change(geometry, out), "hyperspherical energy change per layer")]  # fmt: skip
-
-
-# ── plots (drawn in pipeline/plots.py) ──────────────────────────────────────────────────────
-def _image(path: Path | None, alt: str) -> list[str]:
-    return [f"![{alt}]({path.name})", ""] if path else []
-
-
 # ── judge agreement (`python -m pipeline compare-judges`) ──────────────────────────────────────
 def _kappa(value: float | None, result: dict[str, Any]) -> str:
     if value is not None:
@@ -577,41 +348,90 @@ def agreement_section(run_dir: Path, report_dir: Path) -> list[str]:
                   f"{agreement_numbers(result, names)}.", "",
                   *confusion_markdown(result["confusion"], result["labels"], names), ""]  # fmt: skip
         image = path.parent / "confusion.png"
-        if image.is_file():
-            parts += [f"![{names[0]} vs {names[1]}]({Path(os.path.relpath(image, report_dir)).as_posix()})", ""]
+        if image.is_file():  # copied beside report.md: the page inlines only its own folder's images
+            copy = report_dir / f"confusion-{path.parent.name}.png"
+            shutil.copyfile(image, copy)
+            parts += [f"![{names[0]} vs {names[1]}]({copy.name})", ""]
     return parts
 
 
 # What the report never reads: an object-store run dir is copied down without them.
-NOT_READ = ("checkpoint", ".ray-train", "tensorboard", ".raw")
+def run_body(cfg: RunConfig, run_dir: Path, out: Path) -> list[str]:
+    """Every section of one run's report below its header, plots written into `out`."""
+    data = load_run(run_dir, cfg)
+    rows = eval_rows(cfg, data)
+    return ["## Held-out evaluation (greedy, judged 1-5)", "", *eval_table(rows), "", EVAL_NOTE, "",
+            *verdict_lines(rows), *unscored_note(rows), *_image(plot_scores(rows, out), "held-out scores"),
+            *sets_section(cfg, data), *forgetting_section(cfg, data, out),
+            *onpolicy_section(cfg, data), *_image(plot_logps(cfg, data, out), "log-probs before and after training"),
+            *diagnostics_section(cfg, data), *diversity_section(cfg, data, out),
+            *methods_section(cfg, rows), *ogd_section(cfg, data, out), *ropo_section(cfg, data, out),
+            *held_out_section(cfg, data, out), *data_section(cfg, data),
+            "## Training", "", *_image(plot_training(data, out), "training curves"), *training_lines(data), "",
+            "3D diagnostics (seed 003 Figure 10): per-token log-probs, |∂L/∂logp| per pair, and the parameter-gradient "
+            "norms of the chosen and rejected terms.", "",
+            *_image(plot_training(data, out, DIAGNOSTIC_CURVES, "diagnostics.png"), "3D diagnostics"),
+            *agreement_section(run_dir, out), *toy_section(run_dir, out)]  # fmt: skip
 
 
-def local_run_dir(run_dir: Location) -> Path:
-    """The run dir as a local folder: itself, or this machine's copy of an object-store run dir
-    (only what changed since the last copy is fetched again, and no checkpoint)."""
-    return localize(location(run_dir), exclude=NOT_READ)
+def _publish(out: Path, parts: list[str]) -> Path:
+    """report.md and its self-contained index.html (every image inline), each written atomically."""
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(parts) + "\n")
+    write_html(report)
+    return report
 
 
 def write_report(cfg: RunConfig, run_dir: Location) -> Location:
-    """report/report.md and its plots, from the finished stage folders; for an object-store run dir
-    written on a local copy and uploaded to RUN_DIR/report/."""
+    """report/report.md, report/index.html and the plots, from the finished stage folders; for an
+    object-store run dir written on a local copy and uploaded to RUN_DIR/report/."""
     remote = location(run_dir)
     run_dir = local_run_dir(remote)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    data = load_run(run_dir, cfg)
-    rows = eval_rows(cfg, data)
-    parts = [*header(cfg), "", "## Held-out evaluation (greedy, judged 1-5)", "", *eval_table(rows), "", EVAL_NOTE, "",
-             *unscored_note(rows), *_image(plot_scores(rows, out), "held-out scores"),
-             *onpolicy_section(cfg, data), *_image(plot_logps(cfg, data, out), "log-probs before and after training"),
-             *methods_section(cfg, rows), *ogd_section(cfg, data, out), *ropo_section(cfg, data, out),
-             *held_out_section(cfg, data, out), *data_section(cfg, data),
-             "## Training", "", *_image(plot_training(data, out), "training curves"), *training_lines(data), "",
-             "3D diagnostics (seed 003 Figure 10): per-token log-probs, |∂L/∂logp| per pair, and the parameter-gradient "
-             "norms of the chosen and rejected terms.", "",
-             *_image(plot_training(data, out, DIAGNOSTIC_CURVES, "diagnostics.png"), "3D diagnostics"),
-             *agreement_section(run_dir, out)]  # fmt: skip
-    report = out / "report.md"
-    atomic_write_text(report, "\n".join(parts) + "\n")
+    _publish(out, [*header(cfg), "", *run_body(cfg, run_dir, out)])
     upload(out, join(remote, "report"))  # (nothing to do for a local run dir)
     return join(remote, "report", "report.md")
+
+
+def load_run_config(run_dir: Location) -> RunConfig:
+    """The config a run was started with (`RUN_DIR/config.yaml`, written by `run` and `stage`)."""
+    from pipeline.config import load_config
+
+    local = local_run_dir(run_dir)
+    if not (local / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: no config.yaml; is it a run dir (`python -m pipeline run --run-dir {run_dir} CONFIG`)?")
+    return load_config(str(local / "config.yaml"), [])
+
+
+def write_side_by_side(run_dirs: list[Location], out: Path) -> Path:
+    """Several runs in one report (`python -m pipeline report RUN_DIR RUN_DIR ...`): their headline
+    tables as one, with the paired intervals and verdicts, their forgetting, then each run's whole
+    report under its name (its plots in `out/<run>/`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [(Path(str(d)).name, load_run_config(d), local_run_dir(d)) for d in run_dirs]
+    names = [name for name, _, _ in runs]
+    if len(set(names)) < len(names):
+        raise UserError(f"report: the run dirs need distinct folder names (their sections are named by them), got {names}")
+    table, verdicts, forgetting, bodies = [], [], [], []
+    for name, cfg, local in runs:
+        data = load_run(local, cfg)
+        rows = eval_rows(cfg, data)
+        table += [f"| {name} " + line for line in eval_table(rows)[2:]]
+        verdicts += [f"- {name}: " + line[2:] for line in verdict_lines(rows) if line]
+        forgetting += [f"| {name} | {row['label']} | {_num(row['tax'], '+.1f')} |" for row in forgetting_rows(cfg, data)
+                       if row["tax"] is not None]  # fmt: skip
+        (out / name).mkdir(exist_ok=True)
+        body = run_body(cfg, local, out / name)
+        bodies += [f"## Run {name}", "", *header(cfg)[2:], "",
+                   *(("#" + line) if line.startswith("#") else re.sub(r"^!\[(.*)\]\((.*)\)$", rf"![\1]({name}/\2)", line)
+                     for line in body)]  # fmt: skip
+    head = markdown_table(["run", *EVAL_HEADER], [], "lrlllrrrrr")
+    parts = [f"# Runs side by side: {', '.join(names)}", "", "## Held-out evaluation", "", *head, *table, "",
+             EVAL_NOTE, "", *verdicts, ""]  # fmt: skip
+    if forgetting:
+        parts += ["## Forgetting (TAX against each run's initial policy)", "", "| run | model | TAX |", "|---|---|---:|",
+                  *forgetting, ""]  # fmt: skip
+    return _publish(out, parts + bodies)
+
+

@@ -84,7 +84,7 @@ def test_verifier_vs_a_reward_model_on_the_same_candidates(run_dir, tiny_reward_
 
     report = write_report(RunConfig(name="t"), run_dir).read_text()
     assert "## Judge agreement" in report and "### verifier vs rm" in report
-    assert "![verifier vs rm](../compare-judges/verifier-vs-rm/confusion.png)" in report
+    assert "![verifier vs rm](confusion-verifier-vs-rm.png)" in report
 
 
 def test_limit_takes_all_candidates_of_the_first_prompts_and_a_judge_agrees_with_itself(run_dir, ray_local, tmp_path):

@@ -98,7 +98,7 @@ def _section(report: str, title: str) -> str:
 def test_the_headline_lists_each_rounds_policy_then_its_variants_with_the_delta_against_it(run_dir):
     lines = headline(run_dir, CFG).splitlines()
     assert lines[:8] == [
-        "| round | model | scenario | method | 5 points | 4&5 points | mean score | answer tokens | Δ 4&5 vs the round's policy |",
+        "| round | model | scenario | method | 5 points | 4&5 points | mean score | answer tokens | Δ 4&5 vs the round's policy (paired) |",
         "|---:|---|---|---|---:|---:|---:|---:|---:|",
         "| 0 | base model |  |  | 25.0% | 50.0% | 3.00 | 90 |  |",
         "| 0 | round-0/s1 | 1: policy × policy | dpo | 37.5% | 62.5% | 3.40 | 80 | +12.5 pp |",
@@ -282,7 +282,7 @@ def test_the_report_lists_every_judge_comparison_with_its_numbers_matrix_and_hea
         "mean score: verifier 3.25, gpt4o 3.00 (on the 4 rows both scored)." in section
     assert "| verifier ↓ / gpt4o → | 1 | 2 | 3 | 4 | 5 |" in section
     assert "| **3** | 0 | 0 | 1 | 0 | 0 |\n| **4** | 0 | 0 | 1 | 0 | 0 |\n| **5** | 0 | 0 | 0 | 0 | 1 |" in section
-    assert "![verifier vs gpt4o](../compare-judges/verifier-vs-gpt4o/confusion.png)" in section
+    assert "![verifier vs gpt4o](confusion-verifier-vs-gpt4o.png)" in section
     # two constant judges: κ is undefined, said so, not shown as 1
     assert "Round 1's candidates" in section
     assert "exact agreement: 100.0%; Cohen's κ: undefined (both judges gave every row one score)" in section
