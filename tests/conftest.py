@@ -122,3 +122,45 @@ def pytest_unconfigure(config):
 def s3() -> dict[str, str]:
     """The session's S3 server as environment variables (bucket `S3_BUCKET`)."""
     return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+
+
+@pytest.fixture(scope="session")
+def vllm_openai_server() -> str:
+    """vLLM's OpenAI-compatible server on the embedded model, with the test key (ENVIRONMENT.md:
+    `python -m vllm.entrypoints.openai.api_server`, not the `vllm` script), served as `smollm2`;
+    started once for every module that needs a real endpoint (an engine start costs ~30 s)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from pipeline.models import resolve_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("embedded:smollm2-135m-instruct"),
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2", "--gpu-memory-utilization", "0.3",
+           "--enforce-eager", "--max-model-len", "2048", "--api-key", os.environ[JUDGE_KEY_ENV]]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=os.environ | {"VLLM_LOGGING_LEVEL": "WARNING"})  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, "vLLM's server exited"
+            assert time.time() < deadline, "vLLM's server did not come up"
+            try:
+                urllib.request.urlopen(f"{base_url}/models", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401 without the key: it is up
+                break
+            except OSError:
+                time.sleep(2)
+        yield base_url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import JUDGE_KEY_ENV
 from tests.helpers.quiet import noisy_lines, user_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,7 +129,7 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     for side in (base, summary):
         assert 0 <= side["5_points"] <= side["4&5_points"] <= 1
     for name in ("policy", "s1"):  # 4 held-out prompts, one greedy answer each
-        assert len(pd.read_parquet(round0 / "evaluate" / name / "generations.parquet")) == 4
+        assert len(pd.read_parquet(round0 / "evaluate" / name / "generations.parquet")) == 4 + 2  # + 2 forgetting prompts
     # evaluate's "before" logps are the reference logps training saw at step 1
     logps = pd.read_parquet(round0 / "evaluate" / "s1" / "logps.parquet")
     before = logps[logps.side == "before"].set_index("prompt_id")
@@ -158,44 +159,10 @@ def test_killed_run_resumes_and_produces_a_loadable_checkpoint(run_dir):
     assert f"`python -m pipeline stage pairs {TINY}`" in stale.stderr and "Traceback" not in stale.stderr
 
 
-@pytest.fixture(scope="module")
-def vllm_judge_server():
-    """vLLM's OpenAI-compatible server on the embedded model (ENVIRONMENT.md: `python -m
-    vllm.entrypoints.openai.api_server`, not the `vllm` script), as a judge endpoint."""
-    import socket
-    import urllib.request
-
-    from pipeline.models import resolve_model
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("embedded:smollm2-135m-instruct"),
-           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2-judge", "--gpu-memory-utilization", "0.3",
-           "--enforce-eager", "--max-model-len", "2048"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=os.environ | {"VLLM_LOGGING_LEVEL": "WARNING"})  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, "vLLM's server exited"
-            assert time.time() < deadline, "vLLM's server did not come up"
-            try:
-                urllib.request.urlopen(f"{base_url}/models", timeout=2)
-                break
-            except OSError:
-                time.sleep(2)
-        yield base_url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-
-
-def test_compare_judges_on_the_runs_candidates_with_vllms_server_as_the_rubric_judge(run_dir, vllm_judge_server, tmp_path):
+def test_compare_judges_on_the_runs_candidates_with_vllms_server_as_the_rubric_judge(run_dir, vllm_openai_server, tmp_path):
     rubric_judge = tmp_path / "smollm2.yaml"
     rubric_judge.write_text(
-        f"type: openai\nmodel: smollm2-judge\nbase_url: {vllm_judge_server}\napi_key_env: null\n"
+        f"type: openai\nmodel: smollm2\nbase_url: {vllm_openai_server}\napi_key_env: {JUDGE_KEY_ENV}\n"
         f"max_tokens: 160\nmax_retries: 0\nconcurrency: 16\ncache_dir: {tmp_path / 'cache'}\n"
     )
     verifier = tmp_path / "verifier.yaml"

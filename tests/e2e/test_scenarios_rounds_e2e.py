@@ -111,6 +111,51 @@ def test_four_scenarios_four_trainings_on_the_same_judged_data(four_scenarios):
     assert "| base model |" in methods and "| dpo (s1) |" in methods and "| ogd + ropo (s1-ogd-ropo) |" in methods
 
 
+def test_every_checkpoint_is_evaluated_with_intervals_sets_forgetting_and_the_unseen_proxy(four_scenarios):
+    """Issue 12 on the same run: two held-out sets and a forgetting task answered in one pass per
+    model, intervals that contain their estimate, the unseen proxy from the policy's own answers,
+    and the report (markdown and a page whose every image loads in headless Chromium)."""
+    from pipeline.cli import main
+    from tests.helpers.browser import images_in_browser
+
+    run_dir, result = four_scenarios
+    assert result.returncode == 0, result.stderr[-4000:]
+    round0 = run_dir / "round-0" / "evaluate"
+    base = json.loads((round0 / "policy" / "summary.json").read_text())
+    answers = pd.read_parquet(round0 / "policy" / "generations.parquet")
+    assert answers.groupby("set").size().to_dict() == {"in_domain": 4, "ood": 4, "forgetting/times_table": 4}
+    assert answers[answers.set == "ood"].prompt_id.str.startswith("ood/").all()
+    for k in (1, 2, 3, 4):
+        s = json.loads((round0 / f"s{k}" / "summary.json").read_text())
+        for name in ("in_domain", "ood"):
+            block = s["sets"][name]
+            assert block["prompts"] == 4 and block["dropped_overlap"] == 0
+            for key in ("5_points", "4&5_points", "response_tokens"):
+                low, high = block[f"{key}_ci"]
+                assert low <= block[key] <= high
+        task = s["forgetting"]["times_table"]
+        assert task["prompts"] == 4 and task["accuracy"] in (0, 0.25, 0.5, 0.75, 1)
+        # the unseen proxy reads the round's policy's own 4 in-domain answers: "before" is the same for every variant
+        unseen = s["unseen"]
+        assert unseen["answers"] == 4 and unseen["before"]["logps_per_token"] < 0
+        assert unseen["before"] == json.loads((round0 / "s1" / "summary.json").read_text())["unseen"]["before"]
+    assert base["sets"]["in_domain"]["prompts"] == base["prompts"] == 4
+
+    assert main(["report", str(run_dir)]) == 0  # the report command on a run dir (its own config.yaml)
+    report = (run_dir / "report" / "report.md").read_text()
+    for section in ("Held-out evaluation", "Held-out sets and answer length", "Forgetting (TAX)",
+                    "How on-policy is the data?", "3D-properties: where the probability mass went",
+                    "Diversity and geometry", "Data", "Training"):
+        assert f"\n## {section}" in report, section
+    assert "against the round's policy on 4 paired prompts:" in report
+    pngs = sorted((run_dir / "report").glob("*.png"))
+    assert {"forgetting.png", "he_change.png", "scores.png"} <= {p.name for p in pngs}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    page = images_in_browser(run_dir / "report" / "index.html")
+    assert len(page["images"]) == report.count("![") >= 5
+    assert all(img["loaded"] for img in page["images"]), page["images"]
+
+
 def _kill_when(cmd: list[str], ready, timeout: float = 900) -> None:
     """Start `cmd` in its own process group and SIGKILL the whole group once `ready()` holds."""
     import os
@@ -184,5 +229,10 @@ def test_two_rounds_sample_from_the_newest_checkpoint_and_resume(four_scenarios,
     # round 1's training started from round 0's checkpoint, against it as the reference (ref_model: previous)
     summary = json.loads((round1 / "evaluate" / "s1" / "summary.json").read_text())
     assert summary["before"]["model"] == "round-0/s1" and summary["model"] == "round-1/s1"
+    # round 1's policy is round 0's checkpoint: its held-out answers are round 0's evaluation of it
+    policy1 = json.loads((round1 / "evaluate" / "policy" / "_manifest.json").read_text())["stats"]
+    assert policy1["reused"] and policy1["summary"]["model"] == "round-0/s1"
+    reused = pd.read_parquet(round1 / "evaluate" / "policy" / "generations.parquet")
+    assert reused.response.tolist() == pd.read_parquet(run_dir / "round-0/evaluate/s1/generations.parquet").response.tolist()
     report = (run_dir / "report" / "report.md").read_text()
     assert "round-1 policy" in report and "round-1/s1" in report

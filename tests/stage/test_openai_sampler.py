@@ -13,13 +13,10 @@ model.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -222,40 +219,8 @@ def test_the_key_appears_in_no_file_the_stage_wrote_and_no_output(tiny_llama, tm
 
 
 # ── vLLM's own OpenAI-compatible server ────────────────────────────────────────────────────────
-@pytest.fixture(scope="module")
-def vllm_server():
-    """vLLM's OpenAI-compatible server on the embedded model, as tests/e2e starts it, with a key."""
-    from pipeline.models import resolve_model
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("embedded:smollm2-135m-instruct"),
-           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2", "--gpu-memory-utilization", "0.3",
-           "--enforce-eager", "--max-model-len", "2048", "--api-key", os.environ[JUDGE_KEY_ENV]]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=os.environ | {"VLLM_LOGGING_LEVEL": "WARNING"})  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, "vLLM's server exited"
-            assert time.time() < deadline, "vLLM's server did not come up"
-            try:
-                urllib.request.urlopen(f"{base_url}/models", timeout=2)
-                break
-            except urllib.error.HTTPError:  # 401 without the key: it is up
-                break
-            except OSError:
-                time.sleep(2)
-        yield base_url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-
-
-def test_n_candidates_per_prompt_from_vllms_server(vllm_server, ray_local, tmp_path):
-    sampler = OpenAISampler(model="smollm2", base_url=vllm_server, api_key_env=JUDGE_KEY_ENV, n=3, max_tokens=24,
+def test_n_candidates_per_prompt_from_vllms_server(vllm_openai_server, ray_local, tmp_path):
+    sampler = OpenAISampler(model="smollm2", base_url=vllm_openai_server, api_key_env=JUDGE_KEY_ENV, n=3, max_tokens=24,
                             temperature=1.0, seed=3, concurrency=4, timeout=120.0, max_retries=1)  # fmt: skip
     out = sample(sampler, prompts(4), tmp_path / "sample")
     assert len(out) == 4 * 3
