@@ -530,6 +530,7 @@ class ForgettingConfig(Block):
                              description="built-in task names (pipeline/tasks.py TASKS)")
     num_prompts: int = Field(16, ge=1, description="prompts per task")
     lm_eval: list[str] = Field([], description="lm-eval-harness task names (needs `pip install .[eval]` and local data)")
+    include_path: str | None = InputPath(None, description="a folder of lm-eval task YAMLs (custom tasks on local files)")
     seed: int = 0
 
     @field_validator("tasks")

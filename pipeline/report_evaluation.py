@@ -198,7 +198,7 @@ def toy_section(run_dir: Path, out: Path) -> list[str]:
     parts = ["## The toy model (seed 003 §3.2)", "",
              "4 one-hot prompts → 3-layer MLP → softmax over 10 responses (`python -m pipeline toy`, choices in "
              "`stages/evaluate/toy.py`): each claim of the paper, reproduced or not, with its numbers.", "",
-             *claims_table(json.loads(claims_file.read_text()))]  # fmt: skip
+             *claims_table(json.loads(claims_file.read_text())).splitlines()]  # fmt: skip
     for png in sorted(toy.glob("*.png")):
         copy = out / f"toy-{png.name}"
         shutil.copyfile(png, copy)

@@ -130,3 +130,23 @@ def test_the_report_command_takes_run_dirs_and_names_a_folder_that_is_not_one(tm
     assert (tmp_path / "ab/report.md").read_text().startswith("# Runs side by side: a, b")
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_the_toy_models_claims_join_the_report_when_the_toy_ran_into_the_run_dir(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = _run(tmp_path)
+    (run / "toy").mkdir()
+    claims = {"s1_highest_peak": {"holds": True, "peak": [0.9, 0.3]}, "unseen_grows": {"holds": False, "final": 1e-16}}
+    (run / "toy/claims.json").write_text(json.dumps(claims))
+    fig = plt.figure(figsize=(2, 1))
+    fig.savefig(run / "toy/toy_dpo_scenarios.png")
+    report = write_report(CFG, run).read_text()
+    toy = report.split("## The toy model (seed 003 §3.2)")[1]
+    assert "| `s1_highest_peak` | yes | peak [0.9, 0.3] |" in toy and "| `unseen_grows` | **no** |" in toy
+    assert "![toy: toy_dpo_scenarios](toy-toy_dpo_scenarios.png)" in toy
+    page = images_in_browser(run / "report/index.html")
+    assert all(img["loaded"] for img in page["images"]) and len(page["images"]) == report.count("![")
