@@ -91,6 +91,10 @@ def preflight(cfg: RunConfig) -> None:
     greedy answer per prompt: a reward-model judge scoring by rank has nothing to rank there."""
     judge_preflight(cfg)
     prompts, _ = evaluation_prompts(cfg)  # every set loads and keeps a prompt
+    if cfg.evaluate.forgetting and cfg.evaluate.forgetting.lm_eval:
+        from stages.evaluate.lm_eval_tasks import check_available
+
+        check_available(cfg.evaluate.forgetting.lm_eval, cfg.evaluate.forgetting.include_path)
     if cfg.judge.type == "verifier":
         from stages.judge.verifier import check_answers
 
@@ -131,6 +135,7 @@ def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Location) ->
             for name in cfg.evaluate.sets}  # fmt: skip
     forgetting = {name[len(FORGETTING):]: task_accuracy(rows, resamples, seed)
                   for name, rows in answers[tasks].groupby("set", sort=False)}  # fmt: skip
+    forgetting |= lm_eval_forgetting(cfg, model_path)
     headline = next(iter(sets.values()))
     summary = {"model": model_name, **headline, "sets": sets, "forgetting": forgetting}
     # the text is what a reader compares, the chat and the response's tokens what the unseen
@@ -138,6 +143,20 @@ def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Location) ->
     answers = pd.concat([judged, answers[tasks]], ignore_index=True).drop(columns=["prompt_token_ids"])
     # plain columns: Ray Data's frames carry Arrow dtypes whose pandas metadata pandas cannot read back
     return pa.Table.from_pandas(answers, preserve_index=False).replace_schema_metadata(None).to_pandas(), summary
+
+
+def lm_eval_forgetting(cfg: RunConfig, model_path: str) -> dict[str, dict]:
+    """lm-eval-harness tasks (`evaluate.forgetting.lm_eval`, the `eval` extra, data on disk):
+    {task: {prompts, accuracy, metric}} in the built-in tasks' shape, nothing when none are named."""
+    f = cfg.evaluate.forgetting
+    if not f or not f.lm_eval:
+        return {}
+    from stages.evaluate.lm_eval_tasks import lm_eval_accuracy
+
+    try:
+        return ray.get(lm_eval_accuracy.remote(str(localize(model_path)), f.lm_eval, f.num_prompts, f.include_path))
+    except ray.exceptions.RayTaskError as err:  # its text is the remote traceback: the user's error alone
+        raise err.cause if isinstance(err.cause, UserError) else err
 
 
 def unseen_answers(cfg: RunConfig, base_generations: Location, path: Location) -> int:
