@@ -162,17 +162,18 @@ def lm_eval_forgetting(cfg: RunConfig, model_path: str) -> dict[str, dict]:
 def unseen_answers(cfg: RunConfig, base_generations: Location, path: Location) -> int:
     """The "unseen" proxy's responses (3D-properties: mass leaving what training never saw): the
     round's policy's own greedy answers to the headline held-out set, written to `path` as pairs
-    whose two sides are the answer, so that `pair_logps` reads them with the training code's
-    tokenization and precision policy. Their mean log-prob under the round's policy (before) and
-    the checkpoint (after): a fall means training moved mass away from the policy's typical
-    answers to new prompts, not only from the rejected responses. Returns how many."""
+    whose chosen side is the answer (the rejected side empty), so that `pair_logps` reads them with
+    the training code's tokenization and precision policy. Their mean log-prob under the round's
+    policy (before) and the checkpoint (after): a fall means training moved mass away from the
+    policy's typical answers to new prompts, not only from the rejected responses. Returns how many."""
     # the pandas metadata of a frame that came from Ray Data names Arrow dtypes pandas cannot read back
     answers = pq.read_table(str(base_generations)).to_pandas(ignore_metadata=True)
     answers = answers[answers["set"] == next(iter(cfg.evaluate.sets))]
     turn = [[{"role": "assistant", "content": r}] for r in answers["response"].fillna("")]
+    empty = [[{"role": "assistant", "content": ""}]] * len(answers)  # no second response to pay for
     rows = pd.DataFrame({"prompt_id": answers["prompt_id"], "prompt": answers["messages"], "chosen": turn,
-                         "rejected": turn, "chosen_token_ids": answers["response_token_ids"],
-                         "rejected_token_ids": answers["response_token_ids"]})  # fmt: skip
+                         "rejected": empty, "chosen_token_ids": answers["response_token_ids"],
+                         "rejected_token_ids": [[] for _ in range(len(answers))]})  # fmt: skip
     write_table(rows, path)
     return len(rows)
 
