@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 NOISE = ["Traceback", "resource_tracker", "Failed to query Ray Train Controller", "Token authentication is enabled",
-         "Triton is installed", "FutureWarning", "NUMA binding"]  # fmt: skip
+         "Triton is installed", "FutureWarning", "NUMA binding", "KillActor RPC failed"]  # fmt: skip
 
 
 def noisy_lines(output: str) -> list[str]:
