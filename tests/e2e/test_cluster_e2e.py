@@ -121,7 +121,7 @@ def test_a_job_stopped_mid_train_resumes_on_resubmit_with_workers_on_both_nodes(
     assert not [k for k in keys if "/.ray-train/" in k], "the sharded checkpoints are removed once train is done"
     for folder in ("sample/policy", "judge/policy", "pairs", "train/s1", "evaluate/policy", "evaluate/s1"):
         assert f"cluster/round-0/{folder}/_manifest.json" in keys, folder
-    assert "cluster/report/report.md" in keys and "cluster/report/train_curves.png" in keys
+    assert {"cluster/report/report.md", "cluster/report/index.html", "cluster/report/train_curves.png"} <= set(keys)
 
     with environment(s3):
         candidates = _read_folder(f"{RUN}/round-0/sample/policy")
