@@ -149,7 +149,7 @@ def test_every_checkpoint_is_evaluated_with_intervals_sets_forgetting_and_the_un
         assert f"\n## {section}" in report, section
     assert "against the round's policy on 4 paired prompts:" in report
     pngs = sorted((run_dir / "report").glob("*.png"))
-    assert {"forgetting.png", "he_change.png", "scores.png"} <= {p.name for p in pngs}
+    assert {"forgetting.png", "he_change.png", "eval_scores.png"} <= {p.name for p in pngs}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     page = images_in_browser(run_dir / "report" / "index.html")
     assert len(page["images"]) == report.count("![") >= 5
