@@ -167,13 +167,16 @@ def test_compare_judges_on_the_runs_candidates_with_vllms_server_as_the_rubric_j
     )
     verifier = tmp_path / "verifier.yaml"
     verifier.write_text("type: verifier\n")
+    # the first 4 of the 8 prompts (16 candidates): a 135M judge writes 160 tokens a row on the CPU
     result = _run([sys.executable, "-m", "pipeline", "compare-judges", str(TINY), "--judge", str(verifier),
-                   "--judge", str(rubric_judge), "--run-dir", str(run_dir)], timeout=600)  # fmt: skip
+                   "--judge", str(rubric_judge), "--run-dir", str(run_dir), "--limit", "4"], timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Traceback" not in result.stderr
     out = run_dir / "compare-judges" / "verifier-vs-smollm2"
     scores = pd.read_parquet(out / "scores.parquet")
     candidates = pd.read_parquet(run_dir / "round-0" / "sample" / "policy")
+    candidates = candidates[candidates.prompt_id.isin(list(dict.fromkeys(candidates.prompt_id))[:4])]
+    assert len(candidates) == 16
     assert sorted(zip(scores.prompt_id, scores.candidate_id)) == sorted(zip(candidates.prompt_id, candidates.candidate_id))
     # every row scored by the 135M judge, or kept unscored with the reason
     judged = scores.score_smollm2.notna()
