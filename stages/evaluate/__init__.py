@@ -133,8 +133,9 @@ def held_out(cfg: RunConfig, model_path: str, model_name: str, out: Location) ->
     seed, resamples = 0, cfg.evaluate.bootstrap  # a fixed seed: a rerun reproduces every interval
     sets = {name: {**set_summary(judged[judged["set"] == name], resamples, seed), "dropped_overlap": dropped[name]}
             for name in cfg.evaluate.sets}  # fmt: skip
-    forgetting = {name[len(FORGETTING):]: task_accuracy(rows, resamples, seed)
-                  for name, rows in answers[tasks].groupby("set", sort=False)}  # fmt: skip
+    by_task = dict(list(answers[tasks].groupby("set", sort=False)))
+    forgetting = {task: task_accuracy(by_task[FORGETTING + task], resamples, seed)
+                  for task in (cfg.evaluate.forgetting.tasks if cfg.evaluate.forgetting else ())}  # in config order
     forgetting |= lm_eval_forgetting(cfg, model_path)
     headline = next(iter(sets.values()))
     summary = {"model": model_name, **headline, "sets": sets, "forgetting": forgetting}
