@@ -53,16 +53,29 @@ def _value(d: dict | None, key: str) -> float:
     return float("nan") if v is None else v
 
 
+def _error_bars(rows: list[dict[str, Any]], key: str, values: list[float]) -> list[list[float]] | None:
+    """matplotlib's yerr (below, above) from each summary's 95% interval (`<key>_ci`); 0 where none."""
+    cis = [(r["summary"] or {}).get(f"{key}_ci") for r in rows]
+    if not any(cis):
+        return None
+    # clipped at 0: a percentile interval need not contain its estimate exactly
+    return [[max(0.0, v - ci[0]) if ci else 0.0 for v, ci in zip(values, cis)],
+            [max(0.0, ci[1] - v) if ci else 0.0 for v, ci in zip(values, cis)]]  # fmt: skip
+
+
 def plot_scores(rows: list[dict[str, Any]], out: Path) -> Path | None:
-    """Grouped bars (5 points, 4&5 points) per evaluated row; every other round shaded."""
+    """Grouped bars (5 points, 4&5 points) per evaluated row with their 95% intervals; every other
+    round shaded."""
     rows = [row for row in rows if row["summary"]]
     if not rows:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 3.8))
     xs, width = range(len(rows)), 0.38
-    ax.bar([x - width / 2 for x in xs], [_value(r["summary"], "5_points") for r in rows], width, label="5 points")
-    ax.bar([x + width / 2 for x in xs], [_value(r["summary"], "4&5_points") for r in rows], width, label="4&5 points")
+    for shift, key in ((-width / 2, "5_points"), (width / 2, "4&5_points")):
+        values = [_value(r["summary"], key) for r in rows]
+        ax.bar([x + shift for x in xs], values, width, label=key.replace("_", " "), yerr=_error_bars(rows, key, values),
+               error_kw={"elinewidth": 0.8, "capsize": 2})  # fmt: skip
     ax.set_xticks(list(xs), [f"round {r['round']}\n{r['part']}" for r in rows], fontsize=8)
     for i, round_ in enumerate(sorted({r["round"] for r in rows})):
         if i % 2:
@@ -71,7 +84,7 @@ def plot_scores(rows: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylabel("share of held-out prompts")
     ax.set_ylim(0, 1)
     ax.legend()
-    ax.set_title("held-out judge scores: each round's policy, then its variants")
+    ax.set_title("held-out judge scores (95% intervals): each round's policy, then its variants")
     return _save(fig, out / "eval_scores.png")
 
 
