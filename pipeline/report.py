@@ -37,7 +37,6 @@ from pipeline.tables import interval, markdown_table, method_label, scenario_nam
 from pipeline.tables import num as _num
 from pipeline.tables import usd as _usd
 
-_image = image
 
 # train keys that say which data and how it runs, not how it learns: not listed as hyper-parameters
 # (the update rule and parameterisation are in the method's label)
@@ -361,16 +360,16 @@ def run_body(cfg: RunConfig, run_dir: Path, out: Path) -> list[str]:
     data = load_run(run_dir, cfg)
     rows = eval_rows(cfg, data)
     return ["## Held-out evaluation (greedy, judged 1-5)", "", *eval_table(rows), "", EVAL_NOTE, "",
-            *verdict_lines(rows), *unscored_note(rows), *_image(plot_scores(rows, out), "held-out scores"),
+            *verdict_lines(rows), *unscored_note(rows), *image(plot_scores(rows, out), "held-out scores"),
             *sets_section(cfg, data), *forgetting_section(cfg, data, out),
-            *onpolicy_section(cfg, data), *_image(plot_logps(cfg, data, out), "log-probs before and after training"),
+            *onpolicy_section(cfg, data), *image(plot_logps(cfg, data, out), "log-probs before and after training"),
             *diagnostics_section(cfg, data), *diversity_section(cfg, data, out),
             *methods_section(cfg, rows), *ogd_section(cfg, data, out), *ropo_section(cfg, data, out),
             *held_out_section(cfg, data, out), *data_section(cfg, data),
-            "## Training", "", *_image(plot_training(data, out), "training curves"), *training_lines(data), "",
+            "## Training", "", *image(plot_training(data, out), "training curves"), *training_lines(data), "",
             "3D diagnostics (seed 003 Figure 10): per-token log-probs, |∂L/∂logp| per pair, and the parameter-gradient "
             "norms of the chosen and rejected terms.", "",
-            *_image(plot_training(data, out, DIAGNOSTIC_CURVES, "diagnostics.png"), "3D diagnostics"),
+            *image(plot_training(data, out, DIAGNOSTIC_CURVES, "diagnostics.png"), "3D diagnostics"),
             *agreement_section(run_dir, out), *toy_section(run_dir, out)]  # fmt: skip
 
 

@@ -19,7 +19,6 @@ def image(path: Path | None, alt: str) -> list[str]:
     return [f"![{alt}]({path.name})", ""] if path else []
 
 
-_image = image
 
 
 def _swing(values: list[float]) -> float | None:
@@ -52,7 +51,7 @@ def held_out_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
             "model's last column is its accuracy read through the reward-model judge by evaluate.", "",
             *markdown_table(["variant", "method", "held-out pairs", "accuracy first → last", "best", "swing",
                              "as a judge"], rows, "llrrrrr"), "",
-            *_image(plot_training(data, out, curves, "held_out_accuracy.png"), "held-out preference accuracy")]  # fmt: skip
+            *image(plot_training(data, out, curves, "held_out_accuracy.png"), "held-out preference accuracy")]  # fmt: skip
 
 
 # ── OGD and RoPO beside DPO (seeds 001 and 000) ─────────────────────────────────────────────
@@ -113,7 +112,7 @@ def ogd_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
             *markdown_table(["variant", "method", "steps", "log-ratio chosen, last step", "log-ratio rejected, last",
                              "DPO loss (β 0.1) first → last", "chosen per token before → after",
                              "rejected per token before → after", "projected"], body, "llrrrrrrr"), "",
-            *_image(plot_training(subset, out, curves, "ogd_vs_dpo.png"), "OGD beside DPO")]  # fmt: skip
+            *image(plot_training(subset, out, curves, "ogd_vs_dpo.png"), "OGD beside DPO")]  # fmt: skip
 
 
 ROPO_NOTE = ("RoPO (seed 000) changes a layer only by rotating its inputs and stretching its neurons (W' = diag(m)·W·Rᵀ, "
@@ -148,5 +147,5 @@ def ropo_section(cfg: RunConfig, data: RunData, out: Path) -> list[str]:
     return ["## RoPO beside DPO (seed 000)", "", ROPO_NOTE, "",
             *markdown_table(["model", "method", "trainable", "HE change, mean", "HE change, max", "distinct-1",
                              "distinct-2", "distinct-3", "distinct-4"], body, "llrrrrrrr"), "",
-            *_image(plot_he_change(geometry, out), "hyperspherical energy change per layer")]  # fmt: skip
+            *image(plot_he_change(geometry, out), "hyperspherical energy change per layer")]  # fmt: skip
 
