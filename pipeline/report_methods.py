@@ -20,7 +20,6 @@ def image(path: Path | None, alt: str) -> list[str]:
 
 
 
-
 def _swing(values: list[float]) -> float | None:
     """Mean |change| between consecutive held-out evaluations: how much a curve fluctuates."""
     steps = [abs(b - a) for a, b in zip(values, values[1:])]
